@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Both are idempotent: a second run only re-installs when pyproject.toml changed.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.visiond-installed
+DEPS_STAMP := $(VENV)/.system-deps-ok
+
+.PHONY: demo test bench deps venv clean lint
+
+demo: venv
+	$(PY) tools/demo.py
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(VENV)/bin/visiond bench --json bench.json
+
+deps: $(DEPS_STAMP)
+
+$(DEPS_STAMP): tools/install-system-deps.sh
+	sh tools/install-system-deps.sh
+	@mkdir -p $(VENV) && touch $@
+
+venv: deps $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache demo-out

@@ -1,0 +1,427 @@
+"""The spool and the MQTT sink against a real Mosquitto (DESIGN.md, "MQTT")."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from visiond.config import MqttConfig
+from visiond.frames import Frame, ModelRef, Prediction, Timings
+from visiond.metrics import Metrics
+from visiond.sinks.mqtt import MAX_COMMAND_BYTES, MqttSink, Topics, event_payload, prediction_payload
+from visiond.spool import Spool
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE = "line1-box"
+MODEL = ModelRef("smallcnn", "3f9a1c")
+PASSWORD = "s3cr3t-Pa55-must-not-leak"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def prediction(camera: str = "cam1", label: str = "ok", score: float = 0.93, captured_at: float | None = None) -> Prediction:
+    frame = Frame(camera=camera, index=0, captured_at=time.time() if captured_at is None else captured_at,
+                  captured_mono=time.monotonic(), image=None)
+    top = ((label, score), ("scratch", round(1 - score, 3)))
+    return Prediction(frame, label, score, top, label == "scratch", MODEL, Timings(0.0021, 0.0034, 0.0061))
+
+
+def validator(name: str) -> jsonschema.Draft202012Validator:
+    schema = json.loads(resources.files("visiond").joinpath("schemas", name).read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+
+
+def wait_until(condition, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(0.01)
+
+
+def sample(metrics: Metrics, name: str, **labels) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def publish_one(broker, topic: str, payload: bytes) -> None:
+    """Publish like a plant system would (QoS 1, waits for the ack)."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        client.publish(topic, payload, qos=1).wait_for_publish(5)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics(process=False)
+
+
+@pytest.fixture
+def make_sink(tmp_path, metrics):
+    """A factory for started sinks on a spool in tmp_path; all are stopped at teardown."""
+    made: list[tuple[MqttSink, Spool]] = []
+
+    def make(broker=None, port: int | None = None, spool_dir: Path | None = None, max_messages: int = 1000,
+             on_command=None, **cfg) -> tuple[MqttSink, Spool]:
+        spool = Spool(spool_dir or tmp_path / "spool", max_messages, metrics)
+        config = MqttConfig(host="127.0.0.1", port=port or broker.port, **cfg)
+        sink = MqttSink(config, NODE, spool, metrics, on_command=on_command)
+        sink.start()
+        made.append((sink, spool))
+        return sink, spool
+
+    yield make
+    for sink, spool in made:
+        sink.stop(drain_timeout_s=0.5)
+        spool.close()
+
+
+# ---------------------------------------------------------------- payloads and topics
+
+
+def test_prediction_payload_matches_the_schema():
+    # given a prediction of a defect class
+    p = prediction(label="scratch", score=0.8765432198, captured_at=1_700_000_000.1234567)
+    # when it becomes a message
+    doc = json.loads(prediction_payload(p, 42, NODE, "0b6c4d5e-8f9a-4b1c-9d2e-3f4a5b6c7d8e"))
+    # then it validates and carries exactly the contract's fields
+    validator("prediction.schema.json").validate(doc)
+    assert doc["captured_at"] == "2023-11-14T22:13:20.123457Z"
+    assert doc["score"] == 0.876543 and doc["top"][0] == {"label": "scratch", "score": 0.876543}
+    assert doc["latency_ms"] == {"queue": 2.1, "inference": 3.4, "total": 6.1}
+    assert doc["model"] == {"name": "smallcnn", "version": "3f9a1c"} and doc["defect"] is True
+    assert doc["seq"] == 42 and doc["node"] == NODE and doc["camera"] == "cam1"
+
+
+def test_schema_rejects_an_unknown_field_and_a_bad_timestamp():
+    doc = json.loads(prediction_payload(prediction(), 1, NODE, "0b6c4d5e-8f9a-4b1c-9d2e-3f4a5b6c7d8e"))
+    with pytest.raises(jsonschema.ValidationError):
+        validator("prediction.schema.json").validate({**doc, "extra": 1})
+    with pytest.raises(jsonschema.ValidationError):
+        validator("prediction.schema.json").validate({**doc, "captured_at": "2023-11-14 22:13:20"})
+
+
+def test_event_payload_matches_the_schema():
+    event = {"kind": "defect_started", "at": 1_700_000_000.5, "label": "scratch", "score": 0.91, "model": MODEL}
+    doc = json.loads(event_payload("cam1", event, 7, NODE, "0b6c4d5e-8f9a-4b1c-9d2e-3f4a5b6c7d8e"))
+    validator("event.schema.json").validate(doc)
+    assert doc["at"] == "2023-11-14T22:13:20.500000Z" and doc["kind"] == "defect_started"
+
+
+def test_topics_follow_the_contract_and_refuse_colliding_camera_names():
+    t = Topics("visiond", NODE)
+    assert t.status == "visiond/line1-box/status"
+    assert t.status_detail == "visiond/line1-box/status/detail"
+    assert t.prediction("cam1") == "visiond/line1-box/cam1/prediction"
+    assert t.event("cam1") == "visiond/line1-box/cam1/event"
+    assert t.camera_status("cam1") == "visiond/line1-box/cam1/status"
+    assert t.cmd("reload") == "visiond/line1-box/cmd/reload" and t.cmd_filter == "visiond/line1-box/cmd/+"
+    with pytest.raises(ValueError):
+        t.prediction("cmd")
+
+
+# ---------------------------------------------------------------- the spool
+
+
+def test_seq_is_consecutive_and_continues_after_a_restart(tmp_path):
+    # given a spool that handed out seqs and delivered everything
+    spool = Spool(tmp_path, 100)
+    first = spool.append([("t", lambda s: b"%d" % s, 1, time.time(), "cam1")] * 3)
+    second = spool.append([("t", lambda s: b"%d" % s, 1, time.time(), "cam1")] * 2)
+    assert first == [1, 2, 3] and second == [4, 5]
+    assert [m.payload for m in spool.peek(0, 10)] == [b"1", b"2", b"3", b"4", b"5"]
+    spool.delete(first + second)
+    spool.close()
+    # when the process restarts with an empty spool
+    spool = Spool(tmp_path, 100)
+    # then seq goes on where it stopped, never reusing one
+    assert spool.count() == 0
+    assert spool.append([("t", lambda s: b"%d" % s, 1, time.time(), "cam1")]) == [6]
+    spool.close()
+
+
+def test_spool_bound_drops_the_oldest_and_counts_them(tmp_path, metrics, caplog):
+    # given a spool bounded to 10 messages
+    spool = Spool(tmp_path, 10, metrics)
+    # when 15 arrive
+    with caplog.at_level(logging.WARNING, logger="visiond.spool"):
+        spool.append([("t", lambda s: b"x", 1, time.time(), "cam1")] * 8)
+        spool.append([("t", lambda s: b"x", 1, time.time(), "cam1")] * 7)
+    # then the 5 oldest are gone, counted and reported
+    assert spool.count() == 10
+    assert [m.seq for m in spool.peek(0, 100)] == list(range(6, 16))
+    assert sample(metrics, "visiond_spool_dropped_total") == 5
+    assert sample(metrics, "visiond_spool_messages") == 10
+    assert "dropped the 5 oldest" in caplog.text
+    spool.close()
+
+
+def test_a_batch_is_one_transaction_and_cheap(tmp_path):
+    # given a batch of 16 predictions
+    spool = Spool(tmp_path, 100_000)
+    items = [("visiond/n/cam1/prediction", lambda s: b"x" * 400, 1, time.time(), "cam1")] * 16
+    statements: list[str] = []
+    spool._db.set_trace_callback(statements.append)  # the write connection: count the commits (fsyncs)
+    # when it is appended
+    spool.append(items)
+    # then it costs one commit, hence one fsync
+    assert sum(s.strip().upper() == "COMMIT" for s in statements) == 1
+    spool._db.set_trace_callback(None)
+    costs = []
+    for _ in range(30):
+        start = time.perf_counter()
+        spool.append(items)
+        costs.append(time.perf_counter() - start)
+    spool.close()
+    # and stays in the millisecond range (loose: shared CI disks have fsync spikes; ~0.3-3 ms typical)
+    assert sorted(costs)[len(costs) // 2] < 0.025
+
+
+# ---------------------------------------------------------------- delivery
+
+
+def test_predictions_arrive_in_seq_order_and_validate(mosquitto, mqtt_recorder, make_sink, metrics):
+    # given a plant subscriber and a connected sink
+    recorder = mqtt_recorder("visiond/+/+/prediction")
+    sink, spool = make_sink(mosquitto)
+    wait_until(lambda: sink.connected, what="connected")
+    # when two batches are submitted
+    sink.submit([prediction("cam1"), prediction("cam2"), prediction("cam1")])
+    sink.submit([prediction("cam2")] * 5)
+    # then all arrive in seq order, valid, and leave the spool once acknowledged
+    recorder.wait_for(lambda ms: len(ms) == 8)
+    docs = recorder.json_payloads("/prediction")
+    assert [d["seq"] for d in docs] == list(range(1, 9))
+    check = validator("prediction.schema.json")
+    for doc in docs:
+        check.validate(doc)
+    wait_until(lambda: spool.count() == 0, what="spool drained")
+    assert sample(metrics, "visiond_mqtt_publish_total", result="acked") == 8
+    assert sample(metrics, "visiond_latency_seconds_count", camera="cam2") == 6
+    assert sample(metrics, "visiond_mqtt_connected") == 1
+
+
+def test_qos0_messages_leave_the_spool_once_written(mosquitto, mqtt_recorder, make_sink):
+    recorder = mqtt_recorder("visiond/+/+/prediction")
+    sink, spool = make_sink(mosquitto, qos=0)
+    wait_until(lambda: sink.connected, what="connected")
+    sink.submit([prediction()] * 4)
+    recorder.wait_for(lambda ms: len(ms) == 4)
+    wait_until(lambda: spool.count() == 0, what="spool drained")
+
+
+def test_messages_wait_while_the_broker_is_away_and_arrive_in_order_after_restart(
+    mosquitto, mqtt_recorder, make_sink, tmp_path, metrics
+):
+    # given no broker
+    mosquitto.stop()
+    # when the daemon starts anyway and classifies frames
+    started = time.monotonic()
+    sink, spool = make_sink(mosquitto)
+    assert time.monotonic() - started < 0.5, "start() must not wait for the broker"
+    sink.submit([prediction("cam1")] * 3)
+    sink.submit([prediction("cam2")] * 2)
+    time.sleep(1.0)
+    # then they wait in the spool, and the process can stop with them still there
+    assert not sink.connected and sink.alive()
+    assert spool.count() == 5 and sample(metrics, "visiond_spool_messages") == 5
+    sink.stop(drain_timeout_s=0.3)
+    spool.close()
+    # when the broker is back and the daemon starts again on the same spool
+    mosquitto.start()
+    recorder = mqtt_recorder("visiond/+/+/prediction")
+    sink, spool = make_sink(mosquitto, spool_dir=tmp_path / "spool")
+    recorder.wait_for(lambda ms: len(ms) == 5)
+    sink.submit([prediction("cam1")])
+    # then everything arrives in order, and seq continues across the restart
+    recorder.wait_for(lambda ms: len(ms) == 6)
+    assert [d["seq"] for d in recorder.json_payloads("/prediction")] == [1, 2, 3, 4, 5, 6]
+    wait_until(lambda: spool.count() == 0, what="spool drained")
+
+
+def test_a_running_sink_reconnects_and_resends_after_a_broker_outage(mosquitto, mqtt_recorder, make_sink, metrics):
+    # given a connected sink
+    sink, spool = make_sink(mosquitto)
+    wait_until(lambda: sink.connected, what="connected")
+    # when the broker goes away, frames keep coming, and the broker returns
+    mosquitto.stop()
+    wait_until(lambda: sample(metrics, "visiond_mqtt_connected") == 0, what="connected gauge at 0")
+    sink.submit([prediction()] * 4)
+    time.sleep(0.3)
+    assert spool.count() == 4
+    mosquitto.start()
+    # then the sink reconnects by itself and the broker acknowledges all of it
+    wait_until(lambda: sink.connected and spool.count() == 0, timeout=40, what="reconnected and drained")
+    assert sample(metrics, "visiond_mqtt_publish_total", result="acked") == 4
+    recorder = mqtt_recorder("visiond/+/+/prediction")
+    sink.submit([prediction()])
+    recorder.wait_for(lambda ms: len(ms) == 1)
+    assert [d["seq"] for d in recorder.json_payloads("/prediction")] == [5]
+
+
+def test_a_frozen_broker_is_noticed_within_one_and_a_half_keepalives(mosquitto, make_sink, metrics):
+    # given a connected sink with a 2 s keepalive
+    sink, _ = make_sink(mosquitto, keepalive_s=2)
+    wait_until(lambda: sink.connected, what="connected")
+    # when the broker freezes (the TCP connection stays open)
+    os.kill(mosquitto.proc.pid, signal.SIGSTOP)
+    try:
+        frozen = time.monotonic()
+        wait_until(lambda: sample(metrics, "visiond_mqtt_connected") == 0, timeout=6, what="disconnect noticed")
+        # then the gauge tells the truth within 1.5 x keepalive (plus a loop tick)
+        assert time.monotonic() - frozen < 3.0 + 0.7
+    finally:
+        os.kill(mosquitto.proc.pid, signal.SIGCONT)
+    wait_until(lambda: sink.connected, timeout=40, what="reconnected")
+
+
+def test_a_denied_publish_is_never_a_success_and_is_retried(mosquitto, mqtt_recorder, make_sink, metrics):
+    # given a broker whose ACL forbids writing cam1's topics
+    mosquitto.stop()
+    acl = mosquitto.workdir / "acl"
+    acl.write_text("topic readwrite visiond/+/status\ntopic readwrite visiond/+/status/#\n"
+                   "topic readwrite visiond/+/cmd/#\ntopic readwrite visiond/+/cam2/#\ntopic read visiond/#\n")
+    with open(mosquitto.conf, "a") as conf:  # started as root, mosquitto would drop to a user that can't read tmp
+        conf.write(f"acl_file {acl}\nuser {getpass.getuser()}\n")
+    mosquitto.start()
+    recorder = mqtt_recorder("visiond/+/+/prediction")
+    sink, spool = make_sink(mosquitto)
+    wait_until(lambda: sink.connected, what="connected")
+    # when predictions of both cameras go out
+    sink.submit([prediction("cam1"), prediction("cam2")])
+    # then cam2's arrives, cam1's stays spooled, counted as denied (again on each retry), never acked
+    recorder.wait_for(lambda ms: len(ms) == 1)
+    wait_until(lambda: sample(metrics, "visiond_mqtt_publish_total", result="denied") >= 2, what="denied twice")
+    assert sample(metrics, "visiond_mqtt_publish_total", result="acked") == 1
+    assert [m.camera for m in spool.peek(0, 10)] == ["cam1"]
+
+
+# ---------------------------------------------------------------- status, will, commands
+
+
+def test_status_is_retained_online_then_offline_after_stop(mosquitto, mqtt_recorder, make_sink, metrics):
+    recorder = mqtt_recorder(f"visiond/{NODE}/#")
+    # given a started sink with one camera
+    sink, _ = make_sink(mosquitto)
+    sink.set_camera_status("cam1", True, "stream opened")
+    sink.set_detail({"model": {"name": "smallcnn", "version": "3f9a1c"}})
+    # then the node says online, the camera says why it is online, the detail names the model
+    recorder.wait_for(lambda ms: (f"visiond/{NODE}/status", b"online", False) in ms)
+    cam = recorder.wait_for(lambda ms: any(m.topic.endswith("/cam1/status") for m in ms))
+    state = json.loads([m for m in cam if m.topic.endswith("/cam1/status")][-1].payload)
+    assert state["state"] == "online" and state["reason"] == "stream opened"
+    assert recorder.json_payloads("/status/detail")[-1]["model"]["version"] == "3f9a1c"
+    # when it stops
+    sink.stop()
+    # then offline is published, retained, before a clean disconnect
+    recorder.wait_for(lambda ms: ms[-1].topic == f"visiond/{NODE}/status" and ms[-1].payload == b"offline")
+    assert not sink.alive() and sink.error is None
+    assert sample(metrics, "visiond_mqtt_connected") == 0
+    late = mqtt_recorder(f"visiond/{NODE}/status")
+    late.wait_for(lambda ms: ms == [(f"visiond/{NODE}/status", b"offline", True)])
+
+
+def test_a_killed_daemon_leaves_the_last_will(mosquitto, mqtt_recorder, tmp_path):
+    recorder = mqtt_recorder(f"visiond/{NODE}/status")
+    script = textwrap.dedent(f"""
+        import sys, time
+        from visiond.config import MqttConfig
+        from visiond.metrics import Metrics
+        from visiond.spool import Spool
+        from visiond.sinks.mqtt import MqttSink
+        metrics = Metrics(process=False)
+        sink = MqttSink(MqttConfig(port={mosquitto.port}), {NODE!r}, Spool({str(tmp_path)!r}, 100), metrics)
+        sink.start()
+        while not sink.connected:
+            time.sleep(0.01)
+        print("READY", flush=True)
+        time.sleep(60)
+    """)
+    # given a daemon in its own process, connected
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        recorder.wait_for(lambda ms: ms and ms[-1].payload == b"online")
+        # when it is killed without a chance to say goodbye
+        proc.kill()
+        proc.wait(5)
+        # then the broker publishes its will
+        recorder.wait_for(lambda ms: ms[-1].payload == b"offline", timeout=5)
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_commands_reach_the_callback_and_a_failing_one_does_not_stop_the_sink(mosquitto, mqtt_recorder, make_sink):
+    received = []
+
+    def on_command(verb: str, payload: bytes) -> None:
+        if verb == "boom":
+            raise RuntimeError("handler bug")
+        received.append((verb, payload))
+
+    recorder = mqtt_recorder(f"visiond/{NODE}/status/detail")
+    sink, _ = make_sink(mosquitto, on_command=on_command)
+    wait_until(lambda: sink.connected, what="connected")
+    recorder.wait_for(lambda ms: len(ms) >= 1)  # session set up (subscription comes first)
+    # when commands arrive, one of them breaks the handler, one is too large
+    publish_one(mosquitto, f"visiond/{NODE}/cmd/boom", b"{}")
+    publish_one(mosquitto, f"visiond/{NODE}/cmd/capture", b'{"camera": "cam1", "id": "c-1"}')
+    publish_one(mosquitto, f"visiond/{NODE}/cmd/reload", b"x" * (MAX_COMMAND_BYTES + 1))
+    # then the good one is handled, the thread lives, the oversized one is refused and reported
+    wait_until(lambda: received == [("capture", b'{"camera": "cam1", "id": "c-1"}')], what="command handled")
+    recorder.wait_for(lambda ms: "last_error" in json.loads(ms[-1].payload))
+    assert "reload" in recorder.json_payloads("/status/detail")[-1]["last_error"]
+    assert sink.alive() and received == [("capture", b'{"camera": "cam1", "id": "c-1"}')]
+
+
+def test_the_password_never_reaches_the_log(mosquitto, make_sink, caplog, free_port, tmp_path):
+    caplog.set_level(logging.DEBUG)
+    # given sinks with credentials, one reaching the broker and one a closed port
+    good, spool = make_sink(mosquitto, username="visiond", password=PASSWORD)
+    bad, _ = make_sink(port=free_port, username="visiond", password=PASSWORD, spool_dir=tmp_path / "other")
+    wait_until(lambda: good.connected, what="connected")
+    good.submit([prediction()])
+    wait_until(lambda: spool.count() == 0, what="delivered")
+    time.sleep(1.0)
+    good.stop()
+    bad.stop(drain_timeout_s=0.2)
+    # then nothing logged carries the password
+    assert "cannot reach broker" in caplog.text
+    assert PASSWORD not in caplog.text
+    assert all(PASSWORD not in record.getMessage() for record in caplog.records)
+
+
+def test_a_thread_killed_by_a_bug_is_visible(mosquitto, mqtt_recorder, make_sink, metrics):
+    recorder = mqtt_recorder(f"visiond/{NODE}/status")
+    # given a connected sink
+    sink, spool = make_sink(mosquitto)
+    wait_until(lambda: sink.connected, what="connected")
+    # when its spool disappears under it (a bug in the daemon's stop order)
+    spool.close()
+    # then the thread ends, says why, the gauge drops and the broker sends the will
+    wait_until(lambda: not sink.alive(), timeout=5, what="thread ended")
+    assert isinstance(sink.error, sqlite3.ProgrammingError)
+    assert sample(metrics, "visiond_mqtt_connected") == 0
+    recorder.wait_for(lambda ms: ms[-1].payload == b"offline")

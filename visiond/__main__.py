@@ -1,0 +1,3 @@
+from visiond.cli.app import main
+
+main()

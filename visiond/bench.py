@@ -1,0 +1,336 @@
+"""`visiond bench`: decode-only, model-only, a naive per-frame loop and the daemon
+pipeline, on one video and one model, with a real broker.
+
+Throughput is measured where a subscriber sees it (messages received per
+second); latency is capture -> subscriber receipt. CPU seconds per frame come
+from the process clock (stages measured alone) and from the daemon's rusage.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import paho.mqtt.client as mqtt
+from rich.console import Console
+from rich.table import Table
+
+from visiond.config import DecideConfig
+from visiond.decide import Decider
+from visiond.errors import UserError
+from visiond.models.checkpoint import load_checkpoint
+from visiond.models.runtime import TorchClassifier
+from visiond.preprocess import resize_uint8
+
+console = Console(stderr=True)
+
+
+@dataclass
+class BenchOptions:
+    video: Path | None = None
+    checkpoint: Path | None = None
+    json_out: Path | None = None
+    frames: int = 1500
+    max_batch: int = 16
+    broker: str | None = None
+    realtime_fps: float = 30.0
+    realtime_seconds: float = 10.0
+    roi: tuple[int, int, int, int] | None = None
+
+
+def _defaults(opts: BenchOptions) -> BenchOptions:
+    demo = Path("demo-out")
+    opts.video = opts.video or demo / "line.mp4"
+    opts.checkpoint = opts.checkpoint or demo / "model.ckpt"
+    for what, p in (("--video", opts.video), ("--checkpoint", opts.checkpoint)):
+        if not p.exists():
+            raise UserError(f"{what} {p}: not found; pass one, or run `make demo` first to create demo-out/")
+    if opts.roi is None:
+        cap = cv2.VideoCapture(str(opts.video))
+        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        cap.release()
+        if w <= 0:
+            raise UserError(f"--video {opts.video}: OpenCV cannot read it; expected a video file")
+        side = min(w, h) * 2 // 3 // 16 * 16
+        opts.roi = ((w - side) // 2, (h - side) // 2, side, side)
+    return opts
+
+
+class _Frames:
+    """Reads the video in a loop, as a camera that never ends."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+        self.cap = cv2.VideoCapture(self.path)
+
+    def read(self) -> np.ndarray:
+        ok, img = self.cap.read()
+        if not ok:
+            self.cap.release()
+            self.cap = cv2.VideoCapture(self.path)
+            ok, img = self.cap.read()
+            if not ok:
+                raise UserError(f"{self.path}: no frames could be decoded")
+        return img
+
+
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def bench_decode(opts: BenchOptions) -> dict:
+    src = _Frames(opts.video)
+    src.read()
+    w0, c0 = _clock()
+    for _ in range(opts.frames):
+        src.read()
+    w1, c1 = _clock()
+    return {"fps": opts.frames / (w1 - w0), "cpu_s_per_frame": (c1 - c0) / opts.frames}
+
+
+def bench_preprocess(opts: BenchOptions, spec) -> dict:
+    src = _Frames(opts.video)
+    x, y, w, h = opts.roi
+    imgs = [src.read()[y:y + h, x:x + w] for _ in range(64)]
+    n = max(opts.frames, 1000)
+    w0, c0 = _clock()
+    for i in range(n):
+        resize_uint8(imgs[i % 64], spec)
+    w1, c1 = _clock()
+    return {"fps": n / (w1 - w0), "cpu_s_per_frame": (c1 - c0) / n}
+
+
+def bench_model(clf: TorchClassifier, max_batch: int) -> dict:
+    s = clf.spec
+    out = {}
+    b = 1
+    while b <= max_batch:
+        x = np.random.default_rng(0).integers(0, 255, (b, s.height, s.width, s.channels), dtype=np.uint8)
+        for _ in range(3):
+            clf.predict(x)
+        n, w0, c0 = 0, *_clock()
+        while time.perf_counter() - w0 < 1.0:
+            clf.predict(x)
+            n += 1
+        w1, c1 = _clock()
+        out[b] = {"fps": n * b / (w1 - w0), "cpu_s_per_frame": (c1 - c0) / (n * b)}
+        b *= 2
+    return out
+
+
+class _Subscriber:
+    def __init__(self, host: str, port: int, topic: str):
+        self.recv: list[tuple[float, dict]] = []
+        self._lock = threading.Lock()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.c.on_message = self._on
+        self.c.connect(host, port)
+        self.c.subscribe(topic, qos=1)
+        self.c.loop_start()
+        time.sleep(0.3)
+
+    def _on(self, _c, _u, msg):
+        now = time.time()
+        with self._lock:
+            self.recv.append((now, json.loads(msg.payload)))
+
+    def count(self) -> int:
+        return len(self.recv)
+
+    def close(self):
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def _captured(p: dict) -> float:
+    return dt.datetime.fromisoformat(p["captured_at"].replace("Z", "+00:00")).timestamp()
+
+
+def _summary(recv: list[tuple[float, dict]], trim: float = 0.1) -> dict:
+    """Throughput over the middle of the run (no start-up or drain), latency over all of it."""
+    if len(recv) < 10:
+        return {"fps": 0.0, "latency_p50_ms": None, "latency_p99_ms": None, "messages": len(recv)}
+    times = np.array([t for t, _ in recv])
+    a, b = int(len(times) * trim), int(len(times) * (1 - trim)) - 1
+    lat = np.array([(t - _captured(p)) * 1000 for t, p in recv])
+    return {"fps": (b - a) / max(times[b] - times[a], 1e-9), "latency_p50_ms": float(np.percentile(lat, 50)),
+            "latency_p99_ms": float(np.percentile(lat, 99)), "messages": len(recv)}
+
+
+def naive_loop(opts: BenchOptions, clf: TorchClassifier, host: str, port: int, frames: int, fps: float = 0) -> dict:
+    """The seed's loop: read -> preprocess -> model(batch of 1) -> publish, one frame at a time."""
+    decider = Decider(clf.classes, DecideConfig(defect_classes=[]))
+    sub = _Subscriber(host, port, "bench/naive/#")
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    pub.connect(host, port)
+    pub.loop_start()
+    src = _Frames(opts.video)
+    x, y, w, h = opts.roi
+    period = 1.0 / fps if fps else 0.0
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    t_next = time.perf_counter()
+    for seq in range(frames):
+        if period:
+            t_next += period
+            time.sleep(max(0.0, t_next - time.perf_counter()))
+        img = src.read()
+        cap_at = time.time()
+        px = resize_uint8(img[y:y + h, x:x + w], clf.spec)[None]
+        v = decider.decide(clf.predict(px))[0]
+        payload = {"seq": seq, "label": v.label, "score": v.score,
+                   "captured_at": dt.datetime.fromtimestamp(cap_at, dt.timezone.utc).isoformat().replace("+00:00", "Z")}
+        pub.publish("bench/naive/prediction", json.dumps(payload), qos=1)
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    deadline = time.time() + 10
+    while sub.count() < frames and time.time() < deadline:
+        time.sleep(0.05)
+    pub.loop_stop()
+    pub.disconnect()
+    sub.close()
+    out = _summary(sub.recv)
+    out["cpu_s_per_frame"] = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / frames
+    return out
+
+
+def pipeline(opts: BenchOptions, host: str, port: int, frames: int, fps: float = 0) -> dict:
+    """The real daemon (`visiond run` in a child process) on the looped video."""
+    work = Path(tempfile.mkdtemp(prefix="visiond-bench-"))
+    x, y, w, h = opts.roi
+    cfg = work / "bench.yaml"
+    cfg.write_text(json.dumps({
+        "node": "bench",
+        "cameras": [{"name": "cam", "source": str(Path(opts.video).resolve()), "fps": fps, "loop": True,
+                     "policy": "every", "queue_size": max(2 * opts.max_batch, 8), "roi": [x, y, w, h]}],
+        "model": {"checkpoint": str(Path(opts.checkpoint).resolve()), "max_batch": opts.max_batch},
+        "mqtt": {"host": host, "port": port}, "spool": {"dir": str(work / "spool")},
+        "metrics": {"enabled": False}, "logging": {"level": "warning"},
+    }))
+    sub = _Subscriber(host, port, "visiond/bench/cam/prediction")
+    proc = subprocess.Popen([sys.executable, "-m", "visiond", "run", "--config", str(cfg)])
+    deadline = time.time() + 60 + frames / max(fps, 50)
+    while sub.count() < frames and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, status, ru = os.wait4(proc.pid, 0)
+    time.sleep(0.3)
+    sub.close()
+    shutil.rmtree(work, ignore_errors=True)
+    out = _summary(sub.recv[:frames])
+    total = max(sub.count(), 1)
+    out.update(cpu_s_per_frame=(ru.ru_utime + ru.ru_stime) / total, rss_max_mb=ru.ru_maxrss / 1024,
+               exit_code=os.waitstatus_to_exitcode(status))
+    return out
+
+
+def _broker(opts: BenchOptions):
+    if opts.broker:
+        host, _, port = opts.broker.rpartition(":")
+        return None, host or "127.0.0.1", int(port)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = Path(tempfile.mkdtemp(prefix="visiond-bench-broker-")) / "m.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n")
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(50):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, "127.0.0.1", port
+        except OSError:
+            time.sleep(0.1)
+    raise UserError("bench: could not start a private mosquitto; install the Debian package 'mosquitto' or pass --broker")
+
+
+def run_bench(opts: BenchOptions) -> dict:
+    opts = _defaults(opts)
+    ckpt = load_checkpoint(opts.checkpoint)
+    clf = TorchClassifier(ckpt, device="auto", threads=1)
+    clf.warmup(opts.max_batch)
+    broker, host, port = _broker(opts)
+    try:
+        with console.status("decode only"):
+            decode = bench_decode(opts)
+        with console.status("preprocess only"):
+            prep = bench_preprocess(opts, clf.spec)
+        with console.status("model only, batch 1..max"):
+            model = bench_model(clf, opts.max_batch)
+        with console.status("naive per-frame loop"):
+            naive = naive_loop(opts, clf, host, port, opts.frames)
+        with console.status("daemon pipeline at saturation"):
+            pipe = pipeline(opts, host, port, opts.frames)
+        rt_frames = int(opts.realtime_fps * opts.realtime_seconds)
+        with console.status(f"real time: naive loop at {opts.realtime_fps:g} fps"):
+            naive_rt = naive_loop(opts, clf, host, port, rt_frames, fps=opts.realtime_fps)
+        with console.status(f"real time: pipeline at {opts.realtime_fps:g} fps"):
+            pipe_rt = pipeline(opts, host, port, rt_frames, fps=opts.realtime_fps)
+    finally:
+        if broker:
+            broker.terminate()
+            broker.wait(5)
+    result = _assemble(opts, clf, decode, prep, model, naive, pipe, naive_rt, pipe_rt)
+    _print(result)
+    if opts.json_out:
+        Path(opts.json_out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _assemble(opts, clf, decode, prep, model, naive, pipe, naive_rt, pipe_rt) -> dict:
+    best_b = max(model, key=lambda b: model[b]["fps"])
+    cores = os.cpu_count() or 1
+    cpu_needed = decode["cpu_s_per_frame"] + prep["cpu_s_per_frame"] + model[best_b]["cpu_s_per_frame"]
+    cpu_bound = cores / cpu_needed
+    limit = min(decode["fps"], model[best_b]["fps"], cpu_bound)
+    return {
+        "machine": {"cores": cores, "device": clf.device},
+        "model": {"name": clf.name, "arch": clf.arch, "version": clf.version,
+                  "input": [clf.spec.height, clf.spec.width, clf.spec.channels]},
+        "video": str(opts.video), "frames": opts.frames,
+        "decode_only": decode, "preprocess_only": prep,
+        "model_only": {str(b): v for b, v in model.items()}, "model_best_batch": best_b,
+        "cpu_bound_fps": cpu_bound, "limit_fps": limit,
+        "naive": naive, "pipeline": pipe,
+        "ratio_to_limit": pipe["fps"] / limit if limit else None,
+        "ratio_to_naive": pipe["fps"] / naive["fps"] if naive["fps"] else None,
+        "realtime": {"fps": opts.realtime_fps, "naive": naive_rt, "pipeline": pipe_rt,
+                     "p50_difference_ms": (pipe_rt["latency_p50_ms"] or 0) - (naive_rt["latency_p50_ms"] or 0)},
+    }
+
+
+def _f(x, fmt="{:.1f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def _print(r: dict) -> None:
+    t = Table(title=f"visiond bench — {r['model']['arch']} {r['model']['input']} on {r['machine']['device']}, "
+                    f"{r['machine']['cores']} cores")
+    for col in ("run", "fps", "p50 ms", "p99 ms", "CPU ms/frame"):
+        t.add_column(col, justify="right" if col != "run" else "left")
+    t.add_row("decode only", _f(r["decode_only"]["fps"]), "", "", _f(r["decode_only"]["cpu_s_per_frame"] * 1e3, "{:.3f}"))
+    t.add_row("preprocess only", _f(r["preprocess_only"]["fps"]), "", "",
+              _f(r["preprocess_only"]["cpu_s_per_frame"] * 1e3, "{:.3f}"))
+    for b, v in r["model_only"].items():
+        t.add_row(f"model only, batch {b}", _f(v["fps"]), "", "", _f(v["cpu_s_per_frame"] * 1e3, "{:.3f}"))
+    for name, v in (("naive loop", r["naive"]), ("pipeline", r["pipeline"]),
+                    (f"naive @ {r['realtime']['fps']:g} fps", r["realtime"]["naive"]),
+                    (f"pipeline @ {r['realtime']['fps']:g} fps", r["realtime"]["pipeline"])):
+        t.add_row(name, _f(v["fps"]), _f(v["latency_p50_ms"], "{:.2f}"), _f(v["latency_p99_ms"], "{:.2f}"),
+                  _f(v["cpu_s_per_frame"] * 1e3, "{:.3f}"))
+    Console().print(t)
+    Console().print(f"limit {r['limit_fps']:.0f} fps (decode {r['decode_only']['fps']:.0f}, model@{r['model_best_batch']} "
+                    f"{r['model_only'][str(r['model_best_batch'])]['fps']:.0f}, CPU bound {r['cpu_bound_fps']:.0f}); "
+                    f"ratio_to_limit {_f(r['ratio_to_limit'], '{:.2f}')}, ratio_to_naive {_f(r['ratio_to_naive'], '{:.2f}')}, "
+                    f"real-time p50 difference {r['realtime']['p50_difference_ms']:+.2f} ms")

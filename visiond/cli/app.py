@@ -1,0 +1,66 @@
+"""`visiond` entry point: sub-commands from the modules beside this one.
+
+Errors the user can fix (config, checkpoint, data) print one line and exit 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from visiond import __version__
+
+app = typer.Typer(
+    name="visiond",
+    help="Real-time vision daemon for factory lines, and the tools that build its model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Each module registers its commands on `app` with a `register(app)` function.
+_COMMAND_MODULES = ("visiond.cli.run", "visiond.cli.dataset", "visiond.cli.model")
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"visiond {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
+    """visiond: camera -> CNN -> MQTT + Prometheus."""
+
+
+for _name in _COMMAND_MODULES:
+    try:
+        _mod = importlib.import_module(_name)
+    except ModuleNotFoundError as exc:  # a sub-command module not written yet must not break the others
+        if exc.name != _name:
+            raise
+        continue
+    _mod.register(app)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from visiond.config import ConfigError
+    from visiond.errors import UserError
+    from visiond.models.checkpoint import CheckpointError
+
+    return (UserError, ConfigError, CheckpointError)
+
+
+def main() -> None:
+    try:
+        app()
+    except user_errors() as exc:
+        for line in str(exc).splitlines() or [exc.__class__.__name__]:
+            print(f"visiond: error: {line}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except KeyboardInterrupt:
+        print("visiond: interrupted", file=sys.stderr)
+        sys.exit(130)

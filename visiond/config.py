@@ -1,0 +1,254 @@
+"""The daemon's YAML config: pydantic models, env placeholders, one-line errors.
+
+Every field has a default or is required and carries a description; unknown
+keys are errors. `load_config` raises `ConfigError` whose lines each name the
+key path, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+_PLACEHOLDER = re.compile(r"\$\{(VISIOND_[A-Z0-9_]+)(?::-([^}]*))?\}")
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; `lines` holds one message per problem."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CameraConfig(_Model):
+    name: str = Field(pattern=_NAME, description="Camera name; used in topics and metric labels.")
+    source: str = Field(
+        min_length=1,
+        description="rtsp://..., http(s)://..., /dev/videoN, a V4L2 index (0), a video file or an image folder.",
+    )
+    fps: float = Field(0, ge=0, le=1000, description="Frame rate cap; 0 = as fast as the source gives.")
+    policy: Literal["latest", "every"] | None = Field(
+        None,
+        description="latest: keep the newest frames, drop the oldest (live cameras); "
+        "every: never drop, block the source (files, triggered frames). Default: every for files/folders, latest otherwise.",
+    )
+    queue_size: int = Field(4, ge=1, le=10000, description="Frames held per camera between capture and the model.")
+    roi: tuple[int, int, int, int] | None = Field(None, description="Crop x, y, w, h in pixels, applied before the model.")
+    loop: bool = Field(False, description="Files and folders: start again at the end instead of stopping.")
+    open_timeout_s: float = Field(10.0, gt=0, le=600, description="Network streams: give up opening after this long.")
+    read_timeout_s: float = Field(5.0, gt=0, le=600, description="Network streams: a read that blocks longer is a stall.")
+
+    @field_validator("roi")
+    @classmethod
+    def _roi_positive(cls, v):
+        if v is not None and (v[0] < 0 or v[1] < 0 or v[2] <= 0 or v[3] <= 0):
+            raise ValueError("expected x >= 0, y >= 0, w > 0, h > 0")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source_shape(cls, v: str):
+        if "://" in v:
+            scheme = v.split("://", 1)[0].lower()
+            if scheme not in ("rtsp", "rtsps", "http", "https", "file"):
+                raise ValueError(f"expected rtsp://, http(s)://, a device, an index, a file or a folder, got scheme {scheme!r}")
+            if scheme != "file" and not v.split("://", 1)[1].strip("/"):
+                raise ValueError("expected a host after the scheme")
+        return v
+
+
+class ModelConfig(_Model):
+    checkpoint: Path = Field(description="The model checkpoint (.ckpt) to serve.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$", description="auto | cpu | cuda | cuda:N")
+    max_batch: int = Field(16, ge=1, le=1024, description="Largest batch the model gets.")
+    max_wait_ms: float = Field(
+        0, ge=0, le=1000,
+        description="Under saturation only (the previous batch was full): wait this long to fill the next one. "
+        "At light load frames never wait.",
+    )
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto = fp16 autocast on CUDA, fp32 on CPU.")
+    threads: int = Field(1, ge=0, le=256, description="torch intra-op threads on CPU; 0 = torch's default.")
+
+
+class DecideConfig(_Model):
+    defect_classes: list[str] = Field(default_factory=list, description="Labels that mean a defect.")
+    threshold: float | dict[str, float] = Field(
+        0.5, description="Score a defect class needs to count as a defect; one number or per class."
+    )
+    top_k: int = Field(3, ge=1, le=100, description="How many {label, score} pairs go into `top`.")
+    debounce_frames: int = Field(3, ge=1, le=10000, description="Frames in a row before a defect event begins or ends.")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_range(cls, v):
+        values = v.values() if isinstance(v, dict) else [v]
+        for x in values:
+            if not 0.0 <= x <= 1.0:
+                raise ValueError(f"expected a score between 0 and 1, got {x}")
+        return v
+
+
+class TlsConfig(_Model):
+    ca: Path | None = Field(None, description="CA bundle that signed the broker's certificate.")
+    cert: Path | None = Field(None, description="Client certificate (mutual TLS).")
+    key: Path | None = Field(None, description="Client key (mutual TLS).")
+    insecure: bool = Field(False, description="Skip host name verification (test rigs only).")
+
+
+class MqttConfig(_Model):
+    host: str = Field("127.0.0.1", min_length=1, description="Broker host.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port.")
+    topic_prefix: str = Field("visiond", pattern=r"^[^#+\s]+$", description="First topic level.")
+    qos: Literal[0, 1, 2] = Field(1, description="QoS of predictions and events.")
+    client_id: str | None = Field(None, description="MQTT client id; default visiond-<node>.")
+    username: str | None = Field(None, description="Broker user name.")
+    password: SecretStr | None = Field(None, description="Broker password; use ${VISIOND_MQTT_PASSWORD}.")
+    tls: TlsConfig | None = Field(None, description="TLS settings; absent = plain TCP.")
+    keepalive_s: int = Field(15, ge=2, le=3600, description="MQTT keepalive; a silent broker is noticed within 1.5x this.")
+    max_inflight: int = Field(64, ge=1, le=65535, description="Unacknowledged QoS>0 messages at once.")
+
+
+class SpoolConfig(_Model):
+    dir: Path = Field(Path("/var/lib/visiond/spool"), description="Where messages wait while the broker is away.")
+    max_messages: int = Field(1_000_000, ge=10, le=100_000_000, description="Bound; beyond it the oldest are dropped and counted.")
+
+
+class MetricsConfig(_Model):
+    bind: str = Field("127.0.0.1", description="Address for /metrics and /healthz.")
+    port: int = Field(9108, ge=0, le=65535, description="Port; 0 = pick a free one (logged).")
+    enabled: bool = Field(True, description="Serve /metrics and /healthz.")
+    stale_after_s: float = Field(5.0, gt=0, le=3600, description="/healthz fails for a camera silent this long.")
+
+
+class LoggingConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    json_: bool = Field(False, alias="json", description="One JSON object per line (for journald/Loki).")
+
+
+class Config(_Model):
+    node: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "visiond", pattern=_NAME,
+                      description="This box's name in topics; default: host name.")
+    cameras: Annotated[list[CameraConfig], Field(min_length=1, description="The cameras this box watches.")]
+    model: ModelConfig
+    decide: DecideConfig = Field(default_factory=DecideConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    spool: SpoolConfig = Field(default_factory=SpoolConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _unique_cameras(self):
+        names = [c.name for c in self.cameras]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"camera names must be unique, repeated: {', '.join(dup)}")
+        return self
+
+
+def _expand(value: Any, path: str, env: dict[str, str], errors: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{path}.{k}" if path else str(k), env, errors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{path}[{i}]", env, errors) for i, v in enumerate(value)]
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            errors.append(f"{path}: environment variable {name} is not set (expected it to hold this value)")
+            return ""
+        return _PLACEHOLDER.sub(sub, value)
+    return value
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or str(part).startswith(("literal[", "function-")):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _shown(value: Any, loc: tuple) -> str:
+    if any(str(p) in ("password", "source") for p in loc):
+        return "<redacted>" if any(str(p) == "password" for p in loc) else redact_url(str(value))
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def redact_url(text: str) -> str:
+    """Hide the password of any user:password@ in a URL (logs, metrics, status)."""
+    return re.sub(r"(://[^:/@\s]+):[^@/\s]*@", r"\1:***@", text)
+
+
+def parse_config(raw: Any, env: dict[str, str] | None = None, source: str = "config") -> Config:
+    env = dict(os.environ) if env is None else env
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{source}: expected a YAML mapping at the top level, got {type(raw).__name__}"])
+    errors: list[str] = []
+    expanded = _expand(raw, "", env, errors)
+    try:
+        cfg = Config.model_validate(expanded)
+    except ValidationError as exc:
+        for e in exc.errors():
+            loc = _loc(e["loc"])
+            if e["type"] == "missing":
+                errors.append(f"{loc}: required key is missing")
+            elif e["type"] == "extra_forbidden":
+                errors.append(f"{loc}: unknown key (value {_shown(e.get('input'), e['loc'])}); check the spelling")
+            else:
+                msg = e["msg"].removeprefix("Value error, ")
+                errors.append(f"{loc}: got {_shown(e.get('input'), e['loc'])}, expected: {msg}")
+        raise ConfigError(errors) from None
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: config file not found"]) from None
+    except (PermissionError, IsADirectoryError, UnicodeDecodeError, OSError) as exc:
+        raise ConfigError([f"{p}: cannot read config ({exc.__class__.__name__}: {exc.strerror if isinstance(exc, OSError) else exc})"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{p}:{where}: invalid YAML ({problem})"]) from None
+    return parse_config(raw, env=env, source=str(p))
+
+
+def check_files(cfg: Config) -> list[str]:
+    """Problems only visible on disk (missing checkpoint, TLS files)."""
+    problems = []
+    if not cfg.model.checkpoint.exists():
+        problems.append(f"model.checkpoint: got '{cfg.model.checkpoint}', expected an existing checkpoint file")
+    if cfg.mqtt.tls:
+        for key in ("ca", "cert", "key"):
+            f = getattr(cfg.mqtt.tls, key)
+            if f is not None and not f.is_file():
+                problems.append(f"mqtt.tls.{key}: got '{f}', expected a readable file")
+    return problems

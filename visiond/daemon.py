@@ -1,0 +1,236 @@
+"""`visiond run`: wires sources, the inference worker and the sinks, and owns the lifecycle.
+
+Start order: metrics, MQTT (never waits for the broker), model, worker, sources.
+Stop (SIGTERM and SIGINT alike): stop sources -> drain queued frames through the
+model -> publish them -> retained `offline` -> exit 0. A stage thread that dies
+takes the daemon down with exit code 1 rather than leaving it half-alive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from visiond.config import CameraConfig, Config, redact_url
+from visiond.decide import Decider
+from visiond.errors import UserError
+from visiond.metrics import Metrics, MetricsServer
+from visiond.models.checkpoint import CheckpointError, load_checkpoint
+from visiond.models.runtime import TorchClassifier
+from visiond.notify import sd_notify, watchdog_interval_s
+from visiond.pipeline import InferenceWorker, ModelSlot
+from visiond.queues import FrameHub, FrameQueue
+from visiond.sinks.mqtt import MqttSink
+from visiond.sources import FrameSource, default_policy
+from visiond.spool import Spool
+
+log = logging.getLogger(__name__)
+
+_MAX_CMD_BYTES = 64 * 1024
+
+
+def effective_policy(cam: CameraConfig) -> str:
+    """Files and folders must not lose frames; live cameras keep only the newest."""
+    return cam.policy or default_policy(cam.source)
+
+
+def load_model(cfg: Config) -> tuple[TorchClassifier, Decider]:
+    """Load, check against the config, and warm a checkpoint; raises CheckpointError/UserError."""
+    ckpt = load_checkpoint(cfg.model.checkpoint)
+    decider = Decider(ckpt.classes, cfg.decide, ckpt.thresholds)
+    clf = TorchClassifier(ckpt, device=cfg.model.device, precision=cfg.model.precision, threads=cfg.model.threads)
+    clf.warmup(cfg.model.max_batch)
+    return clf, decider
+
+
+class Daemon:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.stop_event = threading.Event()
+        self.metrics = Metrics()
+        self._reload_lock = threading.Lock()
+        self._exit_code = 0
+        self._ckpt_stat = self._stat(cfg.model.checkpoint)
+        clf, decider = load_model(cfg)  # fail before anything is started
+        self.slot = ModelSlot(clf, decider)
+        self.slot.on_switch = self._model_switched
+        self.metrics.set_model(clf.name, clf.version, clf.arch)
+        self.spool = Spool(cfg.spool.dir, cfg.spool.max_messages, metrics=self.metrics)
+        self.mqtt = MqttSink(cfg.mqtt, cfg.node, self.spool, self.metrics, on_command=self._on_command)
+        self.queues = {}
+        self.sources = []
+        for cam in cfg.cameras:
+            self.metrics.init_camera(cam.name)
+            q = FrameQueue(cam.name, cam.queue_size, effective_policy(cam), self.metrics)
+            self.queues[cam.name] = q
+            self.sources.append(FrameSource(cam, q, self.metrics, self._camera_status, self.stop_event))
+        self.worker = InferenceWorker(
+            FrameHub(list(self.queues.values())), self.slot, [self.mqtt], self.metrics,
+            max_batch=cfg.model.max_batch, max_wait_s=cfg.model.max_wait_ms / 1000.0,
+            on_event=self.mqtt.submit_event, debounce_frames=cfg.decide.debounce_frames,
+        )
+        self.http = None
+        if cfg.metrics.enabled:
+            try:
+                self.http = MetricsServer(self.metrics, self.health, cfg.metrics.bind, cfg.metrics.port)
+            except OSError as exc:
+                raise UserError(f"metrics: cannot listen on {cfg.metrics.bind}:{cfg.metrics.port} ({exc.strerror})") from None
+
+    # ---- lifecycle -------------------------------------------------------
+    def run(self) -> int:
+        self._install_signals()
+        if self.http:
+            self.http.start()
+        self.mqtt.start()
+        self.mqtt.set_detail({"model": self._model_detail(self.slot.current()[0]), "cameras": [c.name for c in self.cfg.cameras],
+                              "pid": os.getpid()})
+        self.worker.start()
+        for s in self.sources:
+            s.start()
+        log.info("visiond running: node %s, %d camera(s), model %s %s on %s", self.cfg.node, len(self.sources),
+                 self.slot.current()[0].name, self.slot.current()[0].version, self.slot.current()[0].device)
+        sd_notify("READY=1\nSTATUS=running")
+        self._supervise()
+        return self._shutdown()
+
+    def _supervise(self) -> None:
+        ping_every = watchdog_interval_s()
+        next_ping = 0.0
+        while not self.stop_event.wait(0.2):
+            if self.worker.error is not None or not self.worker.alive():
+                if self.worker.error is not None:
+                    self._fail("inference thread died: %r" % (self.worker.error,))
+                else:
+                    log.info("all sources finished; stopping")
+                    self.stop_event.set()
+                return
+            if not self.mqtt.alive():
+                self._fail("MQTT thread died: %r" % (getattr(self.mqtt, "error", None),))
+                return
+            self._watch_checkpoint()
+            if ping_every and time.monotonic() >= next_ping and self._healthy_enough():
+                sd_notify("WATCHDOG=1")
+                next_ping = time.monotonic() + ping_every
+
+    def _fail(self, why: str) -> None:
+        log.error("%s; exiting with code 1 so the service manager restarts visiond", why)
+        self._exit_code = 1
+        self.stop_event.set()
+
+    def _healthy_enough(self) -> bool:
+        """Watchdog pings stop when the inference loop or the MQTT thread hangs."""
+        return time.monotonic() - self.worker.last_progress < 10 and self.mqtt.alive()
+
+    def _shutdown(self) -> int:
+        sd_notify("STOPPING=1")
+        self.stop_event.set()
+        t0 = time.monotonic()
+        for s in self.sources:
+            s.join(timeout=3)
+        self.worker.join(timeout=10)
+        if self.worker.alive():
+            log.error("inference did not drain within 10 s; %d frames classified", self.worker.frames_done)
+        self.mqtt.stop(drain_timeout_s=5.0)
+        self.spool.close()
+        if self.http:
+            self.http.stop()
+        log.info("stopped in %.2f s (exit %d)", time.monotonic() - t0, self._exit_code)
+        return self._exit_code
+
+    def _install_signals(self) -> None:
+        def stop(signum, _frame):
+            log.info("signal %s: stopping", signal.Signals(signum).name)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self.reload, args=("SIGHUP",), daemon=True).start())
+
+    # ---- status and health ----------------------------------------------
+    def _camera_status(self, camera: str, online: bool, reason: str) -> None:
+        self.mqtt.set_camera_status(camera, online, redact_url(reason))  # the source already logged it
+
+    def health(self) -> tuple[bool, dict]:
+        now = time.monotonic()
+        stale = self.cfg.metrics.stale_after_s
+        cams = {}
+        for cam in self.cfg.cameras:
+            last = self.worker.last_frame.get(cam.name)
+            age = None if last is None else round(now - last, 3)
+            cams[cam.name] = {"ok": age is not None and age <= stale, "last_frame_age_s": age}
+        broker = self.mqtt.connected
+        ok = broker and all(c["ok"] for c in cams.values())
+        return ok, {"mqtt_connected": broker, "cameras": cams, "inference_alive": self.worker.alive()}
+
+    @staticmethod
+    def _model_detail(clf) -> dict:
+        return {"name": clf.name, "version": clf.version, "arch": clf.arch, "device": clf.device,
+                "classes": list(clf.classes)}
+
+    # ---- hot reload --------------------------------------------------------
+    @staticmethod
+    def _stat(path: Path):
+        try:
+            st = os.stat(path)
+            return (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            return None
+
+    def _watch_checkpoint(self) -> None:
+        st = self._stat(self.cfg.model.checkpoint)
+        if st is not None and st != self._ckpt_stat:
+            self._ckpt_stat = st
+            threading.Thread(target=self.reload, args=("file change",), daemon=True).start()
+
+    def reload(self, why: str = "request") -> bool:
+        """Load and warm the checkpoint beside the serving model; switch between two batches."""
+        with self._reload_lock:
+            log.info("reloading model (%s)", why)
+            try:
+                clf, decider = load_model(self.cfg)
+                self._check_fit(clf)
+            except (CheckpointError, UserError, ValueError, RuntimeError, OSError) as exc:
+                msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+                self.metrics.model_reload_failures.inc()
+                log.error("reload refused, old model keeps serving: %s", msg)
+                self.mqtt.set_detail({"last_error": f"reload refused: {msg}", "last_error_at": time.time()})
+                return False
+            self.slot.stage(clf, decider)
+            return True
+
+    def _check_fit(self, clf) -> None:
+        old = self.slot.current()[0]
+        if clf.spec.channels != old.spec.channels:
+            raise UserError(f"new model wants {clf.spec.channels} colour channel(s), the serving one {old.spec.channels}")
+
+    def _model_switched(self, clf) -> None:
+        self.metrics.set_model(clf.name, clf.version, clf.arch)
+        self.mqtt.set_detail({"model": self._model_detail(clf), "last_reload_at": time.time()})
+
+    # ---- commands ------------------------------------------------------------
+    def _on_command(self, verb: str, payload: bytes) -> None:
+        if len(payload) > _MAX_CMD_BYTES:
+            self._cmd_error(verb, f"payload of {len(payload)} bytes exceeds {_MAX_CMD_BYTES}")
+            return
+        try:
+            body = json.loads(payload) if payload.strip() else {}
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._cmd_error(verb, f"payload is not JSON ({exc.__class__.__name__}); expected a JSON object")
+            return
+        if not isinstance(body, dict):
+            self._cmd_error(verb, f"payload is {type(body).__name__}; expected a JSON object")
+            return
+        if verb == "reload":
+            threading.Thread(target=self.reload, args=("cmd/reload",), daemon=True).start()
+        else:
+            self._cmd_error(verb, "unknown command; expected one of: reload")
+
+    def _cmd_error(self, verb: str, why: str) -> None:
+        msg = f"cmd/{verb[:64]}: {why}"
+        log.error("%s", msg)
+        self.mqtt.set_detail({"last_error": msg, "last_error_at": time.time()})

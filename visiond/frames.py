@@ -1,0 +1,65 @@
+"""Plain values handed from stage to stage: Frame -> Batch -> Prediction.
+
+Each stage owns one job and passes one of these on; no stage reaches back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded image from one camera, uint8 HWC (BGR or grey as decoded)."""
+
+    camera: str
+    index: int  # per-camera frame counter, from 0 at source start
+    captured_at: float  # wall clock, seconds since the epoch (UTC)
+    captured_mono: float  # time.monotonic() at capture, for latency
+    image: np.ndarray
+    enqueued_mono: float = 0.0  # time.monotonic() when it entered the queue
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Frames of one or more cameras and their preprocessed uint8 NHWC array."""
+
+    frames: tuple[Frame, ...]
+    pixels: np.ndarray  # uint8, N x H x W x C, already resized by the spec
+    formed_mono: float
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    queue_s: float  # capture -> batch formed
+    inference_s: float  # batch formed -> scores ready (whole batch)
+    total_s: float  # capture -> prediction ready
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    name: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """The verdict on one frame, before it becomes a message."""
+
+    frame: Frame
+    label: str
+    score: float
+    top: tuple[tuple[str, float], ...]
+    defect: bool
+    model: ModelRef
+    timings: Timings
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def camera(self) -> str:
+        return self.frame.camera

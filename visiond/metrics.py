@@ -1,0 +1,154 @@
+"""Every metric visiond exports, on a private registry, and the HTTP endpoint.
+
+Stages only write these; nothing reads a metric to make a decision. Hot-path
+writers cache `.labels()` children (a lookup costs more than the update).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from visiond import __version__
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_INFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """The metric families of DESIGN.md, registered on one private registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, process: bool = True):
+        r = self.registry = registry or CollectorRegistry(auto_describe=True)
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+        # capture
+        self.frames_captured = Counter("visiond_frames_captured", "Frames decoded from a source.", ["camera"], registry=r)
+        self.frames_dropped = Counter(
+            "visiond_frames_dropped", "Frames dropped before the model, by reason.", ["camera", "reason"], registry=r
+        )
+        self.queue_depth = Gauge("visiond_queue_depth", "Frames waiting for the model.", ["camera"], registry=r)
+        self.source_up = Gauge("visiond_source_up", "1 while the source delivers frames.", ["camera"], registry=r)
+        self.source_reconnects = Counter("visiond_source_reconnects", "Source reopen attempts.", ["camera"], registry=r)
+        self.source_last_frame = Gauge(
+            "visiond_source_last_frame_timestamp_seconds", "Wall time of the last frame.", ["camera"], registry=r
+        )
+        # model
+        self.batch_size = Histogram("visiond_batch_size", "Frames per model call.", buckets=_BATCH_BUCKETS, registry=r)
+        self.inference_seconds = Histogram(
+            "visiond_inference_seconds", "Preprocess + forward time of one batch.", buckets=_INFER_BUCKETS, registry=r
+        )
+        self.predictions = Counter("visiond_predictions", "Classified frames.", ["camera", "label"], registry=r)
+        self.model_info = Gauge("visiond_model_info", "The model in service (value 1).", ["name", "version", "arch"], registry=r)
+        self.model_reload_failures = Counter(
+            "visiond_model_reload_failures", "Checkpoints refused at reload.", registry=r
+        )
+        # delivery
+        self.latency = Histogram(
+            "visiond_latency_seconds", "Capture to broker acknowledgement.", ["camera"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.mqtt_connected = Gauge("visiond_mqtt_connected", "1 while connected to the broker.", registry=r)
+        self.mqtt_publish = Counter("visiond_mqtt_publish", "Publish outcomes.", ["result"], registry=r)
+        self.spool_messages = Gauge("visiond_spool_messages", "Messages waiting in the on-disk spool.", registry=r)
+        self.spool_oldest_age = Gauge(
+            "visiond_spool_oldest_age_seconds", "Age of the oldest spooled message.", registry=r
+        )
+        self.spool_dropped = Counter("visiond_spool_dropped", "Messages pushed out by the spool bound.", registry=r)
+        # learning
+        self.capture_saved = Counter("visiond_capture_saved", "Frames saved for labelling.", ["camera", "rule"], registry=r)
+        self.capture_write_failures = Counter(
+            "visiond_capture_write_failures", "Capture writes that failed.", ["camera", "reason"], registry=r
+        )
+        # process
+        self.build_info = Info("visiond_build", "visiond build.", registry=r)
+        self.build_info.info({"version": __version__})
+        for result in ("acked", "failed", "denied"):
+            self.mqtt_publish.labels(result=result)
+        self.mqtt_connected.set(0)
+
+    def init_camera(self, camera: str) -> None:
+        """Create a camera's series at zero so dashboards see them before the first event."""
+        self.frames_captured.labels(camera=camera)
+        for reason in ("queue_full", "decode_error"):
+            self.frames_dropped.labels(camera=camera, reason=reason)
+        self.queue_depth.labels(camera=camera).set(0)
+        self.source_up.labels(camera=camera).set(0)
+        self.source_reconnects.labels(camera=camera)
+
+    def set_model(self, name: str, version: str, arch: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(name=name, version=version, arch=arch).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """/metrics and /healthz on a small threaded HTTP server (127.0.0.1 by default)."""
+
+    def __init__(self, metrics: Metrics, health: Callable[[], tuple[bool, dict]], bind: str = "127.0.0.1", port: int = 9108):
+        self._metrics = metrics
+        self._health = health
+        handler = self._handler()
+        self._server = ThreadingHTTPServer((bind, port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._server.server_address[:2]
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("metrics on http://%s:%d/metrics", *self.address)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=2)
+
+    def _handler(self):
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(200, outer._metrics.render(), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    ok, detail = outer._health()
+                    body = json.dumps({"ok": ok, **detail}, sort_keys=True).encode()
+                    self._reply(200 if ok else 503, body, "application/json")
+                else:
+                    self._reply(404, b'{"error": "not found; try /metrics or /healthz"}', "application/json")
+
+            def _reply(self, code: int, body: bytes, ctype: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt, *args):  # keep scrapes out of the log
+                log.debug("http %s", fmt % args)
+
+        return Handler

@@ -1,0 +1,1 @@
+"""Architectures, the checkpoint format and the inference runtimes."""

@@ -1,0 +1,144 @@
+"""ONNX and TorchScript exports of a checkpoint, verified against the PyTorch runtime.
+
+The exported graph takes what the daemon's runtime takes — uint8 N x H x W x C pixels,
+already resized by the checkpoint's spec — and returns probabilities, normalisation and
+softmax included, so no consumer can normalise differently. The batch axis is dynamic.
+The checkpoint's metadata (classes, preprocessing, name, version) travels inside the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from visiond.errors import UserError
+from visiond.models.checkpoint import Checkpoint, load_checkpoint
+from visiond.models.runtime import TorchClassifier
+from visiond.preprocess import Normalizer
+
+log = logging.getLogger(__name__)
+FORMATS = ("onnx", "torchscript")
+INPUT_NAME, OUTPUT_NAME = "pixels", "probs"
+VERIFY_BATCHES = (1, 3)
+
+
+class ExportModule(nn.Module):
+    """uint8 NHWC -> probabilities: the runtime's Normalizer, the network, softmax."""
+
+    def __init__(self, ckpt: Checkpoint):
+        super().__init__()
+        self.normalize, self.net = Normalizer(ckpt.spec), ckpt.build()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(self.normalize(pixels)).float(), dim=1)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    format: str
+    max_abs_diff: float
+    batch_sizes: tuple[int, ...]
+
+
+def export_metadata(ckpt: Checkpoint) -> dict[str, str]:
+    """String key/values for ONNX metadata_props and TorchScript extra files."""
+    info = {"format": "visiond.export/1", "name": ckpt.name, "version": ckpt.version, "arch": ckpt.arch,
+            "classes": list(ckpt.classes), "preprocess": ckpt.spec.to_dict(), "input": INPUT_NAME,
+            "input_layout": "NHWC uint8", "output": OUTPUT_NAME, "thresholds": ckpt.thresholds}
+    return {"visiond": json.dumps(info, sort_keys=True), "name": ckpt.name, "version": ckpt.version,
+            "classes": json.dumps(list(ckpt.classes)), "preprocess": json.dumps(ckpt.spec.to_dict())}
+
+
+def _sample_inputs(ckpt: Checkpoint, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    s = ckpt.spec
+    return [rng.integers(0, 256, (n, s.height, s.width, s.channels), dtype=np.uint8) for n in VERIFY_BATCHES]
+
+
+def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict, opset: int) -> None:
+    import onnx
+
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    # the TorchScript-based exporter: works offline and keeps dynamic_axes simple
+    torch.onnx.export(module, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                      dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    model.producer_name = "visiond"
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _run_onnx(path: Path, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0] for x in inputs]
+
+
+def _export_torchscript(module: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
+    traced = torch.jit.trace(module, (example,), check_trace=False)
+    torch.jit.save(traced, str(path), _extra_files={f"{k}.json": v for k, v in meta.items()})
+
+
+def _run_torchscript(path: Path, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    m = torch.jit.load(str(path), map_location="cpu")
+    with torch.inference_mode():
+        return [m(torch.from_numpy(x)).numpy() for x in inputs]
+
+
+def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, tolerance: float = 1e-4,
+                      opset: int = 17) -> ExportResult:
+    """Write the export atomically, then refuse it (and delete it) if it disagrees with PyTorch."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    ckpt = load_checkpoint(checkpoint)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    module = ExportModule(ckpt).eval()
+    inputs = _sample_inputs(ckpt)
+    example = torch.from_numpy(inputs[-1])
+    meta = export_metadata(ckpt)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        if fmt == "onnx":
+            _export_onnx(module, example, tmp, meta, opset)
+            got = _run_onnx(tmp, inputs)
+        else:
+            _export_torchscript(module, example, tmp, meta)
+            got = _run_torchscript(tmp, inputs)
+        ref = TorchClassifier(ckpt, device="cpu", precision="fp32", threads=0)
+        diff = max(float(np.abs(g - ref.predict(x)).max()) for g, x in zip(got, inputs))
+        if not diff <= tolerance:
+            raise UserError(f"{fmt} export differs from PyTorch by {diff:.3g} in probability "
+                            f"(tolerance {tolerance:g}); not written")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("exported %s to %s (max abs diff %.3g)", checkpoint, out, diff)
+    return ExportResult(out, fmt, diff, VERIFY_BATCHES)
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def read_torchscript_metadata(path: str | Path) -> dict:
+    files = {"visiond.json": ""}
+    torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+    return json.loads(files["visiond.json"])

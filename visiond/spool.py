@@ -1,0 +1,210 @@
+"""The on-disk FIFO of outgoing messages, and the node's `seq` counter.
+
+Messages wait here while the broker is away and leave only when the broker
+acknowledged them, so a crash or a power cut loses nothing that was appended.
+One sqlite file (WAL, synchronous=FULL): a batch of predictions is one commit,
+one fsync. The bound is enforced on append by dropping the oldest rows, which
+are counted (`visiond_spool_dropped_total`) and logged, never lost silently.
+
+`seq` lives here too because it must be allocated in the same transaction as
+the rows that carry it: a seq is never reused, even after its row is gone.
+
+Thread-safety: writes (append, delete) share one connection behind a lock;
+reads (peek, oldest_age) use a connection per thread, so the MQTT thread
+never waits for the inference thread's fsync (WAL lets readers run beside the
+writer). Deletes commit without fsync: losing one in a power cut only means a
+duplicate delivery, which at-least-once allows; the next append's fsync makes
+them durable anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+FILENAME = "spool.sqlite3"
+_DROP_LOG_INTERVAL_S = 10.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    captured_at REAL NOT NULL,
+    camera TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+# topic, build_payload(seq) -> bytes, qos, captured_at (wall clock), camera
+SpoolItem = tuple[str, Callable[[int], bytes], int, float, str]
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledMessage:
+    seq: int
+    topic: str
+    payload: bytes
+    qos: int
+    captured_at: float  # wall clock of the frame/event, for the latency metric
+    camera: str
+
+
+class Spool:
+    """Bounded, fsync'd FIFO in `<directory>/spool.sqlite3`; owns the node's seq."""
+
+    def __init__(self, directory: str | Path, max_messages: int, metrics=None):
+        if max_messages < 1:
+            raise ValueError(f"max_messages must be >= 1, got {max_messages}")
+        self.path = Path(directory) / FILENAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_messages = max_messages
+        self._metrics = metrics
+        self._lock = threading.Lock()  # the write connection and the in-memory seq/count
+        self._db = self._connect()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._next_seq, self._count = self._load_state()
+        self._dropped_unlogged = 0
+        self._last_drop_log = 0.0
+        self._publish_count()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection (created on first use)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            if self._db is None:
+                raise sqlite3.ProgrammingError("spool is closed")
+            db = self._local.db = self._connect()
+            with self._lock:
+                self._readers.append(db)
+        return db
+
+    def _load_state(self) -> tuple[int, int]:
+        """Next seq is past both the stored counter and any row (belt and braces)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
+        stored = row[0] if row else 1
+        max_seq, count = self._db.execute("SELECT COALESCE(MAX(seq), 0), COUNT(*) FROM messages").fetchone()
+        return max(stored, max_seq + 1), count
+
+    @property
+    def last_seq(self) -> int:
+        """The highest seq handed out so far (0 before the first)."""
+        return self._next_seq - 1
+
+    def append(self, items: Sequence[SpoolItem]) -> list[int]:
+        """Store a batch in one transaction; returns the consecutive seqs it got."""
+        if not items:
+            return []
+        with self._lock:
+            first = self._next_seq
+            rows = [
+                (first + i, topic, build(first + i), qos, captured_at, camera)
+                for i, (topic, build, qos, captured_at, camera) in enumerate(items)
+            ]
+            end = first + len(rows)
+            over = max(0, self._count + len(rows) - self.max_messages)
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", rows)
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (end,))
+                if over:
+                    db.execute(
+                        "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages ORDER BY seq LIMIT ?)", (over,)
+                    )
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            self._next_seq = end
+            self._count += len(rows) - over
+            if over:
+                self._note_dropped(over)
+        self._publish_count()
+        return list(range(first, end))
+
+    def peek(self, after_seq: int, limit: int) -> list[SpooledMessage]:
+        """Up to `limit` messages with seq > after_seq, oldest first."""
+        rows = self._reader().execute(
+            "SELECT seq, topic, payload, qos, captured_at, camera FROM messages WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        ).fetchall()
+        return [SpooledMessage(*r) for r in rows]
+
+    def delete(self, seqs: Sequence[int]) -> int:
+        """Remove delivered messages (one transaction); unknown seqs are ignored."""
+        if not seqs:
+            return 0
+        with self._lock:
+            db = self._db
+            before = db.total_changes
+            db.execute("PRAGMA synchronous=NORMAL")  # no fsync: see the module docstring
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("DELETE FROM messages WHERE seq = ?", [(s,) for s in seqs])
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            finally:
+                db.execute("PRAGMA synchronous=FULL")
+            removed = db.total_changes - before
+            self._count -= removed
+        self._publish_count()
+        return removed
+
+    def count(self) -> int:
+        return self._count
+
+    def oldest_age(self) -> float:
+        """Seconds since the oldest waiting message was captured; 0 when empty."""
+        row = self._reader().execute("SELECT captured_at FROM messages ORDER BY seq LIMIT 1").fetchone()
+        age = max(0.0, time.time() - row[0]) if row else 0.0
+        if self._metrics is not None:
+            self._metrics.spool_oldest_age.set(age)
+        return age
+
+    def close(self) -> None:
+        with self._lock:
+            for db in self._readers:
+                db.close()
+            self._readers.clear()
+            if self._db is not None:
+                self._db.close()
+                self._db = None  # later use fails loudly instead of touching a closed file
+
+    def _publish_count(self) -> None:
+        if self._metrics is not None:
+            self._metrics.spool_messages.set(self._count)
+
+    def _note_dropped(self, n: int) -> None:
+        """Count every drop; log at most once per interval so a full spool can't flood the log."""
+        if self._metrics is not None:
+            self._metrics.spool_dropped.inc(n)
+        self._dropped_unlogged += n
+        now = time.monotonic()
+        if now - self._last_drop_log >= _DROP_LOG_INTERVAL_S:
+            log.warning(
+                "spool full (%d messages): dropped the %d oldest since the last report",
+                self.max_messages, self._dropped_unlogged,
+            )
+            self._dropped_unlogged = 0
+            self._last_drop_log = now

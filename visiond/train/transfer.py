@@ -1,0 +1,115 @@
+"""Starting from weights someone already trained: an ImageNet state dict or a visiond checkpoint.
+
+ImageNet files are read with `torch.load(weights_only=True)`: tensors only, never code.
+The classifier head is left freshly initialised for this dataset's classes; a visiond
+checkpoint being fine-tuned keeps the head rows of the classes it already knew.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from visiond.errors import UserError
+from visiond.models.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def head_name(model: nn.Module) -> str:
+    """The module name of the classifier head (the last Linear layer)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise UserError(f"{type(model).__name__} has no Linear head to replace or keep trainable")
+    return names[-1]
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A torchvision-style state dict file, refusing anything that needs unpickling code."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"--weights {path}: no such file") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else exc.__class__.__name__
+        raise UserError(f"--weights {path}: refused: not a plain tensor state dict loadable with "
+                        f"weights_only=True ({first})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"--weights {path}: expected a dict of tensors (a torchvision state dict)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_imagenet_weights(model: nn.Module, path: Path, arch: str) -> None:
+    """Copy every matching tensor; the head stays new, a grey first conv gets the RGB sum."""
+    src = read_state_dict(path)
+    dst = model.state_dict()
+    head = head_name(model) + "."
+    loaded, unexpected = 0, []
+    for key, value in src.items():
+        if key not in dst:
+            unexpected.append(key)
+        elif dst[key].shape == value.shape:
+            dst[key] = value.to(dst[key].dtype)
+            loaded += 1
+        elif value.ndim == 4 and dst[key].ndim == 4 and dst[key].shape[1] == 1 and value.shape[1] == 3:
+            dst[key] = value.sum(dim=1, keepdim=True).to(dst[key].dtype)  # RGB filters seen by a grey image
+            loaded += 1
+        elif not key.startswith(head):
+            unexpected.append(f"{key} {tuple(value.shape)} vs {tuple(dst[key].shape)}")
+    missing = [k for k in dst if k not in src and not k.startswith(head) and not k.endswith("num_batches_tracked")]
+    if unexpected or missing:
+        raise UserError(f"--weights {path} does not fit --arch {arch}: {len(missing)} tensors missing "
+                        f"(e.g. {missing[:2]}), {len(unexpected)} unexpected or misshapen (e.g. {unexpected[:2]}); "
+                        f"expected the torchvision ImageNet state dict of {arch}")
+    model.load_state_dict(dst)
+    log.info("loaded %d tensors from %s; new head %s for this dataset", loaded, path, head.rstrip("."))
+
+
+def load_from_checkpoint(model: nn.Module, ckpt: Checkpoint, classes: list[str]) -> None:
+    """Fine-tune start: same-shaped tensors copied, head rows copied by class name.
+
+    Classes may grow: a tensor whose first axis is the class count gets the rows of the
+    classes the old model knew, and new classes keep their fresh initialisation.
+    """
+    dst = model.state_dict()
+    head = head_name(model) + "."
+    old_index = {c: i for i, c in enumerate(ckpt.classes)}
+    rows = [(new_i, old_index[c]) for new_i, c in enumerate(classes) if c in old_index]
+    for key, value in ckpt.state_dict.items():
+        if key not in dst:
+            raise UserError(f"--init-from: tensor {key} of the checkpoint has no place in this network")
+        if key.startswith(head) and value.shape[:1] == (len(ckpt.classes),) \
+                and dst[key].shape == (len(classes), *value.shape[1:]):
+            for new_i, old_i in rows:
+                dst[key][new_i] = value[old_i]
+        elif dst[key].shape == value.shape:
+            dst[key] = value
+        else:
+            raise UserError(f"--init-from: tensor {key} {tuple(value.shape)} does not fit {tuple(dst[key].shape)}")
+    model.load_state_dict(dst)
+    new = [c for c in classes if c not in old_index]
+    log.info("initialised from %s (version %s)%s", ckpt.name, ckpt.version,
+             f"; new classes {new} start from scratch" if new else "")
+
+
+def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
+    """Freeze everything but the head (and keep frozen BatchNorm statistics fixed)."""
+    head = head_name(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not frozen or name.startswith(head + "."))
+    model._visiond_frozen = frozen  # read by `frozen_batchnorm_eval` after model.train()
+
+
+def frozen_batchnorm_eval(model: nn.Module) -> None:
+    """model.train() turns BatchNorm back on; a frozen backbone keeps its ImageNet statistics."""
+    if getattr(model, "_visiond_frozen", False):
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                m.eval()
