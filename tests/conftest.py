@@ -177,21 +177,34 @@ class RtspServer:
 def start_rtsp_server(video: Path, workdir: Path, path: str = "/line", timeout: float = 20.0) -> RtspServer:
     """Run tools/rtsp_server.py with the system python and wait for its READY line."""
     if not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.fail(f"{SYSTEM_PYTHON} not found: install the Debian packages 'python3 python3-gi gir1.2-gst-rtsp-server-1.0'")
+        pytest.fail(f"{SYSTEM_PYTHON} not found: install the Debian packages 'python3 python3-gi "
+                    "gir1.2-gst-rtsp-server-1.0'")
     stderr_path = workdir / f"rtsp_server_{time.monotonic_ns()}.stderr"
     command = [SYSTEM_PYTHON, str(RTSP_SERVER), "--port", "0", "--path", path, "--video", str(video)]
     with open(stderr_path, "wb") as errors:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    try:
-        line = lines.get(timeout=timeout)
-    except queue.Empty:
-        line = ""
+    line = _first_line(proc, timeout)
     if not line.startswith("READY "):
         stop_process(proc)
-        pytest.fail(f"rtsp_server.py did not become ready ({line!r}): {stderr_path.read_text(errors='replace')[-2000:]}")
+        stderr = stderr_path.read_text(errors="replace")[-2000:]
+        pytest.fail(f"rtsp_server.py did not become ready ({line!r}): {stderr}")
     return RtspServer(line.split()[1], proc, video)
+
+
+def _first_line(proc: subprocess.Popen, timeout: float) -> str:
+    """The first stdout line, or "" on timeout or exit; a thread keeps draining the pipe after it."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def drain() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put("")
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        return ""
 
 
 @pytest.fixture

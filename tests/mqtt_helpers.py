@@ -41,7 +41,8 @@ class MqttRecorder:
         self._client.loop_start()
         if not self._subscribed.wait(timeout) or self._error:
             self.stop()
-            raise RuntimeError(f"MqttRecorder on {self.host}:{self.port} {self.topic_filter!r}: {self._error or 'no SUBACK'}")
+            where = f"MqttRecorder on {self.host}:{self.port} {self.topic_filter!r}"
+            raise RuntimeError(f"{where}: {self._error or 'no SUBACK'}")
         return self
 
     def stop(self) -> None:

@@ -72,6 +72,14 @@ def publish_one(broker, topic: str, payload: bytes) -> None:
         client.loop_stop()
 
 
+def reconfigure(broker, extra: str) -> None:
+    """Restart the test's broker with more config lines (ACL, passwords, TLS)."""
+    broker.stop()
+    with open(broker.conf, "a") as conf:  # started as root, mosquitto would drop to a user that can't read tmp
+        conf.write(f"{extra}\nuser {getpass.getuser()}\n")
+    broker.start()
+
+
 @pytest.fixture
 def metrics() -> Metrics:
     return Metrics(process=False)
@@ -231,6 +239,23 @@ def test_qos0_messages_leave_the_spool_once_written(mosquitto, mqtt_recorder, ma
     wait_until(lambda: spool.count() == 0, what="spool drained")
 
 
+def test_events_go_out_on_the_event_topic_with_their_own_seq(mosquitto, mqtt_recorder, make_sink):
+    recorder = mqtt_recorder("visiond/+/+/+")
+    sink, _ = make_sink(mosquitto)
+    # when a prediction and then the event it caused are submitted
+    sink.submit([prediction("cam1", "scratch", 0.8)])
+    sink.submit_event("cam1", {"kind": "defect_started", "label": "scratch", "score": 0.8,
+                               "model": {"name": "smallcnn", "version": "3f9a1c"}, "frame_captured_at": time.time()})
+    # then the event validates and counts its own seq, so predictions' seq stays gapless
+    recorder.wait_for(lambda ms: any(m.topic.endswith("/event") for m in ms))
+    [event] = recorder.json_payloads("/event")
+    validator("event.schema.json").validate(event)
+    assert event["seq"] == 1 and event["kind"] == "defect_started" and event["camera"] == "cam1"
+    sink.submit([prediction("cam1", "ok", 0.9)])
+    recorder.wait_for(lambda ms: len([m for m in ms if m.topic.endswith("/prediction")]) == 2)
+    assert [p["seq"] for p in recorder.json_payloads("/prediction")] == [1, 2]
+
+
 def test_messages_wait_while_the_broker_is_away_and_arrive_in_order_after_restart(
     mosquitto, mqtt_recorder, make_sink, tmp_path, metrics
 ):
@@ -298,13 +323,10 @@ def test_a_frozen_broker_is_noticed_within_one_and_a_half_keepalives(mosquitto, 
 
 def test_a_denied_publish_is_never_a_success_and_is_retried(mosquitto, mqtt_recorder, make_sink, metrics):
     # given a broker whose ACL forbids writing cam1's topics
-    mosquitto.stop()
     acl = mosquitto.workdir / "acl"
     acl.write_text("topic readwrite visiond/+/status\ntopic readwrite visiond/+/status/#\n"
                    "topic readwrite visiond/+/cmd/#\ntopic readwrite visiond/+/cam2/#\ntopic read visiond/#\n")
-    with open(mosquitto.conf, "a") as conf:  # started as root, mosquitto would drop to a user that can't read tmp
-        conf.write(f"acl_file {acl}\nuser {getpass.getuser()}\n")
-    mosquitto.start()
+    reconfigure(mosquitto, f"acl_file {acl}")
     recorder = mqtt_recorder("visiond/+/+/prediction")
     sink, spool = make_sink(mosquitto)
     wait_until(lambda: sink.connected, what="connected")
@@ -425,3 +447,45 @@ def test_a_thread_killed_by_a_bug_is_visible(mosquitto, mqtt_recorder, make_sink
     assert isinstance(sink.error, sqlite3.ProgrammingError)
     assert sample(metrics, "visiond_mqtt_connected") == 0
     recorder.wait_for(lambda ms: ms[-1].payload == b"offline")
+
+
+def test_refused_credentials_are_logged_with_the_reason_and_retried(mosquitto, make_sink, caplog, tmp_path):
+    caplog.set_level(logging.DEBUG)
+    # given a broker that knows only visiond with another password
+    passwords = mosquitto.workdir / "passwords"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "visiond", "the-right-one"], check=True)
+    reconfigure(mosquitto, f"allow_anonymous false\npassword_file {passwords}")
+    # when the sink logs in with the wrong one
+    sink, spool = make_sink(mosquitto, username="visiond", password=PASSWORD)
+    sink.submit([prediction()])
+    # then the refusal is logged with the broker's reason, retried, and nothing is lost or leaked
+    wait_until(lambda: caplog.text.count("refused the connection") >= 2, timeout=10, what="two refusals")
+    assert "Not authorized" in caplog.text or "Bad user name or password" in caplog.text
+    assert sink.alive() and not sink.connected and spool.count() == 1
+    assert PASSWORD not in caplog.text
+    # and the right password gets through
+    good, good_spool = make_sink(mosquitto, username="visiond", password="the-right-one", spool_dir=tmp_path / "good",
+                                 client_id="visiond-good")
+    good.submit([prediction()])
+    wait_until(lambda: good.connected and good_spool.count() == 0, what="delivered with the right password")
+
+
+def test_tls_with_a_private_ca(mosquitto, mqtt_recorder, make_sink, free_port):
+    # given a broker with a TLS listener whose certificate a private CA signed for 127.0.0.1
+    d = mosquitto.workdir
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)  # noqa: E731
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=visiond test CA")
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+    reconfigure(mosquitto, f"listener {free_port} 127.0.0.1\ncafile {d / 'ca.pem'}\n"
+                           f"certfile {d / 'server.pem'}\nkeyfile {d / 'server.key'}")
+    recorder = mqtt_recorder("visiond/+/+/prediction")
+    # when the sink connects over TLS, trusting that CA
+    sink, spool = make_sink(port=free_port, tls={"ca": d / "ca.pem"})
+    sink.submit([prediction()])
+    # then the prediction arrives
+    recorder.wait_for(lambda ms: len(ms) == 1)
+    wait_until(lambda: spool.count() == 0, what="acknowledged over TLS")

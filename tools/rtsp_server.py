@@ -35,7 +35,10 @@ except (ImportError, ValueError) as exc:  # ValueError: the typelib is missing
     )
     sys.exit(2)
 
-_PARSE = "filesrc name=src ! qtdemux ! h264parse config-interval=-1 ! video/x-h264,stream-format=byte-stream,alignment=au ! appsink name=sink sync=false"
+_PARSE = (
+    "filesrc name=src ! qtdemux ! h264parse config-interval=-1"
+    " ! video/x-h264,stream-format=byte-stream,alignment=au ! appsink name=sink sync=false"
+)
 _SERVE = "( appsrc name=src format=time ! h264parse ! rtph264pay name=pay0 pt=96 config-interval=-1 )"
 
 

@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import cv2
@@ -347,7 +346,9 @@ def _write_truth(csv_path: Path, labels: list[str]) -> Path:
     return csv_path
 
 
-def render_images(out_dir: str | Path, per_class: int, seed: int, size: int | tuple[int, int] | None = None) -> dict[str, int]:
+def render_images(
+    out_dir: str | Path, per_class: int, seed: int, size: int | tuple[int, int] | None = None
+) -> dict[str, int]:
     """Write ``per_class`` ROI crops per class; ``size`` (int or (w, h)) resizes them (INTER_LINEAR)."""
     out_dir = Path(out_dir)
     line, picks = _pick_frames(per_class, seed)

@@ -50,6 +50,13 @@ class CameraConfig(_Model):
     open_timeout_s: float = Field(10.0, gt=0, le=600, description="Network streams: give up opening after this long.")
     read_timeout_s: float = Field(5.0, gt=0, le=600, description="Network streams: a read that blocks longer is a stall.")
 
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str):
+        if v in ("status", "cmd"):
+            raise ValueError(f"a name other than {v!r}, which is a node-level MQTT topic")
+        return v
+
     @field_validator("roi")
     @classmethod
     def _roi_positive(cls, v):
@@ -132,6 +139,12 @@ class MetricsConfig(_Model):
     stale_after_s: float = Field(5.0, gt=0, le=3600, description="/healthz fails for a camera silent this long.")
 
 
+class JsonlConfig(_Model):
+    path: Path | None = Field(None, description="Append every verdict as one JSON line here (audit trail); none = off.")
+    max_bytes: int = Field(100 * 1024 * 1024, ge=1024, description="Rotate the file beyond this size.")
+    keep: int = Field(3, ge=1, le=100, description="Rotated files kept.")
+
+
 class LoggingConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     json_: bool = Field(False, alias="json", description="One JSON object per line (for journald/Loki).")
@@ -146,6 +159,7 @@ class Config(_Model):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    jsonl: JsonlConfig = Field(default_factory=JsonlConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")

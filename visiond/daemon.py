@@ -25,6 +25,7 @@ from visiond.models.runtime import TorchClassifier
 from visiond.notify import sd_notify, watchdog_interval_s
 from visiond.pipeline import InferenceWorker, ModelSlot
 from visiond.queues import FrameHub, FrameQueue
+from visiond.sinks.jsonl import JsonlSink
 from visiond.sinks.mqtt import MqttSink
 from visiond.sources import FrameSource, default_policy
 from visiond.spool import Spool
@@ -69,8 +70,14 @@ class Daemon:
             q = FrameQueue(cam.name, cam.queue_size, effective_policy(cam), self.metrics)
             self.queues[cam.name] = q
             self.sources.append(FrameSource(cam, q, self.metrics, self._camera_status, self.stop_event))
+        self.hub = FrameHub(list(self.queues.values()))
+        sinks = [self.mqtt]
+        self.jsonl = None
+        if cfg.jsonl.path:
+            self.jsonl = JsonlSink(cfg.jsonl.path, cfg.node, cfg.jsonl.max_bytes, cfg.jsonl.keep)
+            sinks.append(self.jsonl)
         self.worker = InferenceWorker(
-            FrameHub(list(self.queues.values())), self.slot, [self.mqtt], self.metrics,
+            self.hub, self.slot, sinks, self.metrics,
             max_batch=cfg.model.max_batch, max_wait_s=cfg.model.max_wait_ms / 1000.0,
             on_event=self.mqtt.submit_event, debounce_frames=cfg.decide.debounce_frames,
         )
@@ -130,13 +137,19 @@ class Daemon:
         sd_notify("STOPPING=1")
         self.stop_event.set()
         t0 = time.monotonic()
+        self.hub.wake()  # release sources blocked on a full `every` queue
         for s in self.sources:
             s.join(timeout=3)
+        for q in self.queues.values():
+            q.close()  # a camera stuck in a network read must not hold up the drain
+        self.hub.wake()
         self.worker.join(timeout=10)
         if self.worker.alive():
             log.error("inference did not drain within 10 s; %d frames classified", self.worker.frames_done)
         self.mqtt.stop(drain_timeout_s=5.0)
         self.spool.close()
+        if self.jsonl:
+            self.jsonl.close()
         if self.http:
             self.http.stop()
         log.info("stopped in %.2f s (exit %d)", time.monotonic() - t0, self._exit_code)

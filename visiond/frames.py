@@ -5,7 +5,7 @@ Each stage owns one job and passes one of these on; no stage reaches back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -58,7 +58,7 @@ class Prediction:
     defect: bool
     model: ModelRef
     timings: Timings
-    extra: dict = field(default_factory=dict, compare=False)
+    batch_id: int = 0  # which model call classified it (audit trail, batching tests)
 
     @property
     def camera(self) -> str:

@@ -83,6 +83,7 @@ class InferenceWorker:
         self.frames_done = 0
         self._label_counters: dict[tuple[str, str], object] = {}
         self._sink_errors = 0
+        self._batches = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -133,9 +134,11 @@ class InferenceWorker:
         verdicts = decider.decide(probs)
         model = ModelRef(clf.name, clf.version)
         inf = t1 - t0
+        self._batches += 1
         preds = [
             Prediction(f, v.label, v.score, v.top, v.defect, model,
-                       Timings(queue_s=t0 - f.captured_mono, inference_s=inf, total_s=t1 - f.captured_mono))
+                       Timings(queue_s=t0 - f.captured_mono, inference_s=inf, total_s=t1 - f.captured_mono),
+                       self._batches)
             for f, v in zip(frames, verdicts)
         ]
         self._account(preds, inf)
@@ -171,7 +174,7 @@ class InferenceWorker:
                 try:
                     self._on_event(p.frame.camera, {"kind": kind, "label": p.label, "score": round(p.score, 6),
                                                     "model": {"name": p.model.name, "version": p.model.version},
-                                                    "frame_captured_at": p.frame.captured_at})
+                                                    "at": p.frame.captured_at})
                 except Exception:
                     log.exception("event sink failed")
 

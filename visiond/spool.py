@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 # topic, build_payload(seq) -> bytes, qos, captured_at (wall clock), camera
-SpoolItem = tuple[str, Callable[[int], bytes], int, float, str]
+SpoolItem = tuple  # (topic, build_payload(seq), qos, captured_at, camera[, stream]); stream seqs are gapless
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +75,7 @@ class Spool:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._next_seq, self._count = self._load_state()
+        self._streams: dict[str, int] = {}
         self._dropped_unlogged = 0
         self._last_drop_log = 0.0
         self._publish_count()
@@ -102,6 +103,13 @@ class Spool:
         max_seq, count = self._db.execute("SELECT COALESCE(MAX(seq), 0), COUNT(*) FROM messages").fetchone()
         return max(stored, max_seq + 1), count
 
+    def _stream_next(self, stream: str) -> int:
+        """The payload seq a stream (prediction, event) hands out next: gapless per stream."""
+        if stream not in self._streams:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (f"next_seq:{stream}",)).fetchone()
+            self._streams[stream] = row[0] if row else 1
+        return self._streams[stream]
+
     @property
     def last_seq(self) -> int:
         """The highest seq handed out so far (0 before the first)."""
@@ -113,10 +121,13 @@ class Spool:
             return []
         with self._lock:
             first = self._next_seq
-            rows = [
-                (first + i, topic, build(first + i), qos, captured_at, camera)
-                for i, (topic, build, qos, captured_at, camera) in enumerate(items)
-            ]
+            counters = {}
+            rows = []
+            for i, (topic, build, qos, captured_at, camera, *rest) in enumerate(items):
+                stream = rest[0] if rest else "prediction"
+                n = counters.get(stream) or self._stream_next(stream)
+                counters[stream] = n + 1
+                rows.append((first + i, topic, build(n), qos, captured_at, camera))
             end = first + len(rows)
             over = max(0, self._count + len(rows) - self.max_messages)
             db = self._db
@@ -124,6 +135,8 @@ class Spool:
             try:
                 db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", rows)
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (end,))
+                db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                               [(f"next_seq:{k}", v) for k, v in counters.items()])
                 if over:
                     db.execute(
                         "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages ORDER BY seq LIMIT ?)", (over,)
@@ -134,6 +147,7 @@ class Spool:
                     db.execute("ROLLBACK")
                 raise
             self._next_seq = end
+            self._streams.update(counters)
             self._count += len(rows) - over
             if over:
                 self._note_dropped(over)

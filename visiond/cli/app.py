@@ -7,7 +7,10 @@ never a traceback.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # FFmpeg retry chatter; visiond logs its own one-liners
 
 import typer
 
@@ -49,9 +52,8 @@ for _name in _COMMAND_MODULES:
 def user_errors() -> tuple[type[BaseException], ...]:
     from visiond.config import ConfigError
     from visiond.errors import UserError
-    from visiond.models.checkpoint import CheckpointError
 
-    return (UserError, ConfigError, CheckpointError)
+    return (UserError, ConfigError)
 
 
 def main() -> None:

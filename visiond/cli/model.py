@@ -63,7 +63,7 @@ def train(
         resume=resume, init_from=init_from, seed=seed, device=device, workers=workers,
         defect_classes=_csv(defect_classes), knn_k=knn_k, progress=progress)
     result = run_training(opts)
-    if result.best_metrics:
+    if result.is_main and result.best_metrics:
         figures = ", ".join(f"{k} {v:.4f}" for k, v in result.best_metrics.items() if isinstance(v, float))
         typer.echo(f"{result.best}: best epoch {result.best_epoch} of {result.epochs} ({figures})")
 
@@ -76,7 +76,7 @@ def evaluate(
     defect_classes: str = typer.Option(None, help="Comma-separated defect classes (default: from the checkpoint)."),
     target_recall: float = typer.Option(0.99, help="Recall each defect threshold must reach."),
     write_threshold: bool = typer.Option(False, "--write-threshold", help="Store the thresholds in the checkpoint."),
-    device: str = typer.Option("cpu", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
 ) -> None:
     """Accuracy, per-class figures, confusion matrix, misclassified images, PR curves, report.md."""
@@ -102,7 +102,7 @@ def predict(
     paths: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
     top_k: int = typer.Option(3, help="How many classes to list per image."),
     json_lines: bool = typer.Option(False, "--json", help="One JSON object per line instead of a table."),
-    device: str = typer.Option("cpu", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(32, help="Images per forward pass."),
 ) -> None:
     """Classify images with the daemon's runtime: label, score and top-k per image."""
@@ -123,7 +123,7 @@ def export(
     format: str = typer.Option(..., "--format", "-f", help="onnx or torchscript."),
     out: Path = typer.Option(..., "--out", "-o", help="File to write."),
     tolerance: float = typer.Option(1e-4, help="Largest allowed difference in probabilities vs PyTorch."),
-    opset: int = typer.Option(17, help="ONNX opset."),
+    opset: int = typer.Option(18, help="ONNX opset."),
 ) -> None:
     """Export to ONNX or TorchScript: uint8 NHWC in, probabilities out, metadata inside, parity checked."""
     from visiond.models.export import export_checkpoint

@@ -34,6 +34,7 @@ class PixelKNN(nn.Module):
 
     def fit(self, features: torch.Tensor, labels: torch.Tensor) -> "PixelKNN":
         """Keep the training features; called once, there is nothing else to learn."""
+        self.k = min(self.k, features.shape[0])
         self.train_x = features.detach().float().clone()
         self.train_y = nn.functional.one_hot(labels.long(), self.train_y.shape[1]).float()
         return self
@@ -41,7 +42,6 @@ class PixelKNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)
         dist = (f * f).sum(1, keepdim=True) - 2 * f @ self.train_x.T + (self.train_x * self.train_x).sum(1)
-        k = min(self.k, self.train_x.shape[0])
-        idx = torch.topk(dist, k, dim=1, largest=False).indices
-        votes = self.train_y[idx].sum(1) / k
+        idx = torch.topk(dist, self.k, dim=1, largest=False).indices
+        votes = self.train_y[idx].sum(1) / self.k
         return torch.log(votes + 1e-6)

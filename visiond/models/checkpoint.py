@@ -24,15 +24,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from visiond import __version__
+from visiond.errors import CheckpointError
 from visiond.models.arch import ARCHITECTURES, build_model
 from visiond.preprocess import PreprocessSpec
 
 FORMAT = "visiond.checkpoint/1"
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be served; the message is one line for the operator."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +122,12 @@ def _sniff(path: Path) -> None:
         head = f.read(16)
     if not head:
         raise CheckpointError(f"{path}: file is empty; expected a visiond checkpoint (safetensors)")
+    size = path.stat().st_size
+    n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < n <= _MAX_HEADER:
+        if n + 8 > size:
+            raise CheckpointError(f"{path}: truncated (header says {n} bytes, file has {size})")
+        return
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise CheckpointError(
             f"{path}: is a pickle/torch.save file; visiond checkpoints are safetensors and pickles are never loaded "
@@ -132,11 +135,7 @@ def _sniff(path: Path) -> None:
         )
     if len(head) < 9:
         raise CheckpointError(f"{path}: truncated ({len(head)} bytes); expected a visiond checkpoint")
-    (n,) = struct.unpack("<Q", head[:8])
-    if n > _MAX_HEADER or head[8:9] != b"{":
-        raise CheckpointError(f"{path}: not a safetensors file (bad header); expected a visiond checkpoint")
-    if n + 8 > path.stat().st_size:
-        raise CheckpointError(f"{path}: truncated (header says {n} bytes, file has {path.stat().st_size})")
+    raise CheckpointError(f"{path}: not a safetensors file (bad header); expected a visiond checkpoint")
 
 
 def read_header(path: str | Path) -> dict:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,10 +68,18 @@ def _sample_inputs(ckpt: Checkpoint, seed: int = 0) -> list[np.ndarray]:
 def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict, opset: int) -> None:
     import onnx
 
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
-    # the TorchScript-based exporter: works offline and keeps dynamic_axes simple
-    torch.onnx.export(module, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                      dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+    try:  # torch.export-based exporter (the default, works offline); dynamic batch axis
+        torch.onnx.export(module, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}}, opset_version=opset,
+                          dynamo=True, verbose=False, external_data=False)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure: fall back to the TorchScript-based exporter
+        log.warning("torch.export-based ONNX export failed (%s); using the TorchScript-based exporter",
+                    str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(module, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                              opset_version=opset, dynamo=False)
     model = onnx.load(str(path))
     del model.metadata_props[:]
     for k, v in meta.items():
@@ -88,18 +97,22 @@ def _run_onnx(path: Path, inputs: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _export_torchscript(module: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
-    traced = torch.jit.trace(module, (example,), check_trace=False)
-    torch.jit.save(traced, str(path), _extra_files={f"{k}.json": v for k, v in meta.items()})
+    with warnings.catch_warnings():  # torch.jit is deprecated upstream but still what C++/LibTorch loads
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(module, (example,), check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={f"{k}.json": v for k, v in meta.items()})
 
 
 def _run_torchscript(path: Path, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    m = torch.jit.load(str(path), map_location="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        m = torch.jit.load(str(path), map_location="cpu")
     with torch.inference_mode():
         return [m(torch.from_numpy(x)).numpy() for x in inputs]
 
 
 def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, tolerance: float = 1e-4,
-                      opset: int = 17) -> ExportResult:
+                      opset: int = 18) -> ExportResult:
     """Write the export atomically, then refuse it (and delete it) if it disagrees with PyTorch."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -125,6 +138,9 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, tole
         if not diff <= tolerance:
             raise UserError(f"{fmt} export differs from PyTorch by {diff:.3g} in probability "
                             f"(tolerance {tolerance:g}); not written")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from the service user
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -140,5 +156,7 @@ def read_onnx_metadata(path: str | Path) -> dict[str, str]:
 
 def read_torchscript_metadata(path: str | Path) -> dict:
     files = {"visiond.json": ""}
-    torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.load(str(path), map_location="cpu", _extra_files=files)
     return json.loads(files["visiond.json"])

@@ -280,13 +280,14 @@ class MqttSink:
         ])
 
     def submit_event(self, camera: str, event: Mapping[str, Any]) -> None:
-        """Spool one event: a mapping with kind, at (wall seconds), label, score, model."""
-        missing = {"kind", "at", "label", "score", "model"} - event.keys()
-        if missing:
-            raise ValueError(f"event for {camera!r} lacks {sorted(missing)}")
+        """Spool one event: kind, at (wall seconds; `frame_captured_at` also accepted), label, score, model."""
         event = dict(event)
+        event.setdefault("at", event.get("frame_captured_at"))
+        missing = sorted(k for k in ("kind", "at", "label", "score", "model") if event.get(k) is None)
+        if missing:
+            raise ValueError(f"event for {camera!r} lacks {missing}")
         build = functools.partial(_build_event, camera, event, self._node)
-        self._spool_items([(self.topics.event(camera), build, self._cfg.qos, float(event["at"]), camera)])
+        self._spool_items([(self.topics.event(camera), build, self._cfg.qos, float(event["at"]), camera, "event")])
 
     def set_camera_status(self, camera: str, online: bool, reason: str) -> None:
         """Retained JSON on `<camera>/status`: {"state": "online"|"offline", "reason", "at"}."""
@@ -410,12 +411,10 @@ class MqttSink:
     def _select_timeout(self) -> float:
         """Short enough for paho's keepalive and for our deadlines (retry of denied, stop)."""
         timeout = min(1.0, self._cfg.keepalive_s / 4)
-        now = time.monotonic()
-        for deadline in (self._rewind_at, self._stop_deadline):
-            if deadline is not None:
-                timeout = min(timeout, max(0.0, deadline - now))
-        if self._offline_mid is not None:
-            timeout = min(timeout, 0.05)
+        if self._rewind_at is not None:
+            timeout = min(timeout, max(0.01, self._rewind_at - time.monotonic()))
+        if self._stop_deadline is not None:
+            timeout = min(timeout, 0.05)  # stopping: check drain, deadline and the offline ack often
         return timeout
 
     def _watchdog(self) -> None:
@@ -602,6 +601,8 @@ class MqttSink:
     def _delivered(self, msg: SpooledMessage) -> None:
         self._acked.append(msg.seq)
         self._count_acked.inc()
+        if not msg.topic.endswith("/prediction"):
+            return  # the latency histogram is capture -> ack of verdicts
         child = self._latency.get(msg.camera)
         if child is None:
             child = self._latency[msg.camera] = self._metrics.latency.labels(camera=msg.camera)

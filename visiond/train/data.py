@@ -86,6 +86,8 @@ def load_splits(dataset_dir: str | Path, classes: list[str] | None = None, seed:
     if len(classes) < 2:
         raise UserError(f"{root}: {len(classes)} class(es) {classes}; a classifier needs at least 2")
     by_split = {sp: [s for s in samples if s.split == sp] for sp in SPLITS}
+    if by_split["train"] and not by_split["val"] and len(by_split["train"]) >= 20:
+        by_split["train"], by_split["val"] = _carve_val(by_split["train"], seed)
     return DataSplits(root, classes, by_split["train"], by_split["val"], by_split["test"], dataset_hash(samples))
 
 
@@ -97,6 +99,15 @@ def _split_unsplit(samples: list[Sample], seed: int) -> list[Sample]:
                 "(use 'visiond dataset split' to fix it in the manifest)", len(unsplit), seed)
     done = iter(split_dataset(unsplit, seed=seed) if len(unsplit) > 1 else [replace(unsplit[0], split="train")])
     return [s if s.split else next(done) for s in samples]
+
+
+def _carve_val(train: list[Sample], seed: int, fraction: float = 0.1) -> tuple[list[Sample], list[Sample]]:
+    """No val split (e.g. an import with only train/test): hold out a stratified tenth of train,
+    the same tenth every time, so model selection never peeks at the test split."""
+    log.info("no val split: holding out a stratified %.0f%% of train (%d images) for validation",
+             fraction * 100, round(len(train) * fraction))
+    assigned = split_dataset(train, 1 - fraction, fraction, 0.0, seed=seed)
+    return [s for s in assigned if s.split == "train"], [s for s in assigned if s.split == "val"]
 
 
 def _decode(root: Path, sample: Sample, spec: PreprocessSpec) -> np.ndarray | None:

@@ -90,7 +90,7 @@ class TrainOptions:
 
     def validate(self) -> None:
         """Fail before any work, naming the valid choices."""
-        choices = {"arch": (self.arch, ARCHITECTURES + BASELINES), "optimizer": (self.optimizer, OPTIMIZERS),
+        choices = {"arch": (self.arch, tuple(dict.fromkeys(ARCHITECTURES + BASELINES))), "optimizer": (self.optimizer, OPTIMIZERS),
                    "scheduler": (self.scheduler, SCHEDULERS), "class-weights": (self.class_weights, CLASS_WEIGHTS),
                    "monitor": (self.monitor, MONITORS), "augment": (self.augment, tuple(PRESETS))}
         for opt, (value, valid) in choices.items():
@@ -132,6 +132,7 @@ class TrainResult:
     best_epoch: int
     best_metrics: dict
     history: list[dict]
+    is_main: bool = True               # False on torchrun ranks other than 0 (they wrote nothing)
 
 
 class TrainableModel(nn.Module):
@@ -451,7 +452,7 @@ def _train(opts: TrainOptions, ctx: _Dist) -> TrainResult:
                  stopper.best_epoch + 1, opts.monitor, stopper.best, opts.out)
     best_row = history[stopper.best_epoch] if 0 <= stopper.best_epoch < len(history) else {}
     return TrainResult(opts.out, last, run_dir, len(history), stopper.best_epoch + 1,
-                       {k[4:]: v for k, v in best_row.items() if k.startswith("val_")}, history)
+                       {k[4:]: v for k, v in best_row.items() if k.startswith("val_")}, history, ctx.main)
 
 
 def _check_resume(resume: ResumeState, opts: TrainOptions, splits: DataSplits, spec: PreprocessSpec) -> None:

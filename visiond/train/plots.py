@@ -31,7 +31,8 @@ def training_curves(history: list[dict], path: Path) -> Path:
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     return _save(fig, path)
 
 
