@@ -21,7 +21,7 @@ from visiond.errors import UserError
 from visiond.models.arch import ARCHITECTURES
 from visiond.models.checkpoint import load_checkpoint
 from visiond.preprocess import IMAGENET_MEAN
-from visiond.train import loop
+from visiond.train import loop, recipe
 from visiond.train.evaluate import EvaluateOptions, evaluate_checkpoint
 from visiond.train.loop import TrainOptions, train
 
@@ -154,7 +154,7 @@ def test_init_from_grows_the_classes_and_keeps_the_old_head_rows(tmp_path):
     old = load_checkpoint(tmp_path / "two.ckpt")
     # when it is fine-tuned on a dataset that adds triangles (zero epochs' worth: check the start point)
     three = make_split_shapes(tmp_path / "three", per_class=20)
-    net = loop.build_network(quick(three, tmp_path / "three.ckpt", init_from=tmp_path / "two.ckpt"),
+    net = recipe.build_network(quick(three, tmp_path / "three.ckpt", init_from=tmp_path / "two.ckpt"),
                              ["circle", "square", "triangle"], old.spec, old)[0]
     # then the known classes' head rows and the whole body are copied, the new class is fresh
     sd = net.state_dict()
@@ -192,3 +192,20 @@ def test_cli_rejects_a_bad_option_in_one_line(small_shapes, tmp_path):
     # then exit 2 with one line naming the valid choices
     assert proc.returncode == 2
     assert proc.stderr.strip() == "visiond: error: --optimizer 'adam': expected one of adamw, sgd"
+
+
+def test_early_stopping_and_class_balancing_rules():
+    # early stopping: patience 2 stops after two epochs without a better figure, and survives a resume
+    stop = loop.EarlyStopping(2)
+    assert [stop.update(v, e) for e, v in enumerate([0.5, 0.7, 0.6])] == [True, True, False]
+    assert not stop.should_stop
+    resumed = loop.EarlyStopping(2, stop.state())
+    resumed.update(0.69, 3)
+    assert resumed.should_stop and resumed.best_epoch == 1
+    # rare classes weigh more in the loss (mean weight 1) and are drawn as often by the balanced sampler
+    from visiond.train.data import BalancedSampler, inverse_frequency_weights
+
+    assert inverse_frequency_weights(np.array([0, 0, 0, 1]), 3).tolist() == [0.5, 1.5, 0.0]
+    labels = np.array([0] * 90 + [1] * 10)
+    drawn = labels[list(BalancedSampler(labels, seed=1))]
+    assert len(drawn) == 100 and 35 <= drawn.sum() <= 65

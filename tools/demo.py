@@ -65,7 +65,7 @@ def prepare_data() -> tuple[Path, list[str]]:
     if not synthline.truth_path(video).exists():
         console.print("[bold]1/4[/] rendering the synthetic line (600 frames) and labelled crops")
         synthline.render_video(video, frames=600, seed=7)
-        synthline.render_images(OUT / "images", per_class=150, seed=11)
+        synthline.render_images(OUT / "images", per_class=200, seed=11)
     else:
         console.print("[bold]1/4[/] synthetic line already rendered")
     return video, synthline.read_truth(synthline.truth_path(video))
@@ -78,7 +78,7 @@ def train_model() -> Path:
         return ckpt
     console.print("[bold]2/4[/] training a small CNN on the crops")
     cmd = [sys.executable, "-m", "visiond", "train", str(OUT / "images"), "--arch", "smallcnn", "--out", str(ckpt),
-           "--epochs", "8", "--image-size", "64", "--seed", "1"]
+           "--epochs", "15", "--image-size", "64", "--seed", "1", "--augment", "none"]
     subprocess.run(cmd, check=True)
     return ckpt
 

@@ -18,6 +18,8 @@ from visiond.models.baseline import PixelKNN, grid_for
 from visiond.models.checkpoint import save_checkpoint
 from visiond.preprocess import Normalizer, PreprocessSpec
 from visiond.train.data import ImageDataset, load_splits
+from visiond.train.options import TrainOptions, TrainResult
+from visiond.train.recipe import Processes, checkpoint_meta, last_path_for, run_dir_for, write_history
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +52,11 @@ def fit_knn(ds: ImageDataset, spec: PreprocessSpec, num_classes: int, k: int, li
     return model.fit(torch.cat(feats), torch.from_numpy(ds.labels[idx]))
 
 
-def train_knn(opts, ctx):
+def train_knn(opts: TrainOptions, procs: Processes) -> TrainResult:
     """Fit, score on the validation split with the training loop's `evaluate`, save like a CNN."""
-    from visiond.train.loop import TrainResult, TrainableModel, _meta, evaluate, run_dir_for, write_history
+    from visiond.train.loop import TrainableModel, evaluate
 
-    if ctx.world > 1:
+    if procs.world > 1:
         raise UserError("--arch knn has nothing to distribute; run it without torchrun")
     if opts.init_from or opts.weights or opts.resume:
         raise UserError("--arch knn takes no --init-from, --weights or --resume")
@@ -70,12 +72,12 @@ def train_knn(opts, ctx):
            "seconds": round(time.monotonic() - t0, 3)}
     arch_args = {"in_channels": spec.channels, "image_size": spec.height, "k": net.k,
                  "grid": grid_for(spec.height), "n_train": int(net.train_x.shape[0])}
-    last = opts.out.with_name(opts.out.stem + ".last.ckpt")
+    last, run_dir = last_path_for(opts.out), run_dir_for(opts.out)
     for path in (opts.out, last):
         save_checkpoint(path, arch="knn", classes=splits.classes, spec=spec, state_dict=net.state_dict(),
-                        arch_args=arch_args, meta=_meta(opts, splits, row, 1, 0), name=opts.out.stem)
-    write_history(run_dir_for(opts.out), [row])
+                        arch_args=arch_args, meta=checkpoint_meta(opts, splits, row, 1, 1), name=opts.out.stem)
+    write_history(run_dir, [row])
     log.info("knn (k=%d, %d stored images, %dx%d pooled): val accuracy %.4f, macro-F1 %.4f", net.k,
              arch_args["n_train"], net.grid, net.grid, val["accuracy"], val["macro_f1"])
     best = {"accuracy": val["accuracy"], "macro_f1": val["macro_f1"]}
-    return TrainResult(opts.out, last, run_dir_for(opts.out), 1, 1, best, [row])
+    return TrainResult(opts.out, last, run_dir, 1, 1, best, [row])

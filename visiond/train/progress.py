@@ -8,7 +8,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class EpochBar:
-    """`with EpochBar(on, epoch, epochs, batches) as bar: bar.advance(n, loss, acc)`; a no-op when off."""
+    """`with EpochBar(on, epoch, epochs, batches) as bar: bar.advance(loss, acc)`; a no-op when off."""
 
     def __init__(self, enabled: bool, epoch: int, epochs: int, batches: int):
         self._progress = None
@@ -28,6 +28,10 @@ class EpochBar:
         if self._progress is not None:
             self._progress.stop()
 
-    def advance(self, n: int, loss: float, acc: float) -> None:
+    @property
+    def enabled(self) -> bool:
+        return self._progress is not None
+
+    def advance(self, loss: float, acc: float) -> None:
         if self._progress is not None:
             self._progress.update(self._task, advance=1, loss=loss, acc=acc)
