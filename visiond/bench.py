@@ -75,13 +75,17 @@ class _Frames:
 
     def __init__(self, path: Path):
         self.path = str(path)
-        self.cap = cv2.VideoCapture(self.path)
+        self.cap = self._open()
+
+    def _open(self):
+        """Opened as the daemon opens files: FFmpeg with one decode thread."""
+        return cv2.VideoCapture(self.path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
 
     def read(self) -> np.ndarray:
         ok, img = self.cap.read()
         if not ok:
             self.cap.release()
-            self.cap = cv2.VideoCapture(self.path)
+            self.cap = self._open()
             ok, img = self.cap.read()
             if not ok:
                 raise UserError(f"{self.path}: no frames could be decoded")

@@ -89,7 +89,8 @@ def open_capture(source: str | int, cfg: CameraConfig, on_decode_error: Callable
         return cap
     if kind == "folder":
         return ImageFolderCapture(_file_path(str(source)), on_decode_error)
-    return cv2.VideoCapture(_file_path(str(source)), cv2.CAP_FFMPEG)
+    # one decode thread: on a small box the model needs the other core (DESIGN, hot path)
+    return cv2.VideoCapture(_file_path(str(source)), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
 
 
 def _open_stream(url: str, cfg: CameraConfig):

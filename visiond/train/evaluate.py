@@ -91,7 +91,7 @@ def _misclassified_sheet(ds: ImageDataset, y_true, probs, classes, path: Path) -
         img = ds.image_hwc(int(i))
         bgr = img[:, :, ::-1] if img.shape[2] == 3 else img
         tiles.append((np.ascontiguousarray(bgr), f"{classes[y_true[i]]}>{classes[y_pred[i]]} {probs[i, y_pred[i]]:.2f}"))
-    return contact_sheet_images(tiles, path, columns=8)
+    return contact_sheet_images(tiles, path, columns=8, tile=128)
 
 
 def write_thresholds(checkpoint: Path, thresholds: dict[str, float], target_recall: float) -> Checkpoint:

@@ -274,6 +274,9 @@ def _check_resume(resume: ResumeState, opts: TrainOptions, splits: DataSplits) -
         raise UserError(f"--resume {resume.path}: that run trained {info['arch']!r}, not --arch {opts.arch!r}")
     if info["classes"] != splits.classes:
         raise UserError(f"--resume {resume.path}: classes {info['classes']} differ from the dataset's {splits.classes}")
+    if info["options"]["epochs"] != opts.epochs:
+        log.warning("--resume: that run planned %d epochs, now %d; its learning-rate schedule keeps its "
+                    "original length", info["options"]["epochs"], opts.epochs)
     if info["dataset_hash"] != splits.hash:
         log.warning("--resume: the dataset changed since that run (hash %s -> %s)", info["dataset_hash"][:12],
                     splits.hash[:12])

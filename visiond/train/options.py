@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from visiond.data.augment import DEFAULT_PRESET, PRESETS
 from visiond.errors import UserError
 from visiond.models.arch import ARCHITECTURES
@@ -91,6 +93,8 @@ class TrainOptions:
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {self.device}: no CUDA device is available here; use auto or cpu")
 
     def to_json(self) -> dict:
         d = asdict(self)

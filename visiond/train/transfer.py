@@ -29,21 +29,39 @@ def head_name(model: nn.Module) -> str:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A torchvision-style state dict file, refusing anything that needs unpickling code."""
+    """A torchvision-style state dict (torch.save or safetensors), refusing anything that needs unpickling code."""
+    if not path.is_file():
+        raise UserError(f"--weights {path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: 8-byte header length, then JSON
+        return _read_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"--weights {path}: no such file") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else exc.__class__.__name__
-        raise UserError(f"--weights {path}: refused: not a plain tensor state dict loadable with "
-                        f"weights_only=True ({first})") from None
+        lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln]
+        why = lines[0][:160] if lines else exc.__class__.__name__
+        raise UserError(f"--weights {path}: refused: it holds more than tensors, and weights are only loaded "
+                        f"with torch.load(weights_only=True) ({why})") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"--weights {path}: expected a dict of tensors (a torchvision state dict)")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            if "visiond" in (f.metadata() or {}):
+                raise UserError(f"--weights {path}: is a visiond checkpoint; fine-tune it with --init-from")
+        return load_file(str(path), device="cpu")
+    except SafetensorError as exc:
+        raise UserError(f"--weights {path}: unreadable safetensors file ({exc})") from None
 
 
 def load_imagenet_weights(model: nn.Module, path: Path, arch: str) -> None:
