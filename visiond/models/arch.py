@@ -82,13 +82,19 @@ _TORCHVISION: dict[str, Callable[..., nn.Module]] = {
     "efficientnet_b3": tvm.efficientnet_b3,
 }
 
-ARCHITECTURES = ("smallcnn", *_TORCHVISION)
+ARCHITECTURES = ("smallcnn", *_TORCHVISION, "knn")
 
 
-def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: int = 64) -> nn.Module:
+def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: int = 64, **extra) -> nn.Module:
     """A freshly initialised network (no weights are ever downloaded)."""
     if num_classes < 2:
         raise ValueError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
+    if arch == "knn":  # the classical baseline, stored and served like a CNN
+        from visiond.models.baseline import PixelKNN
+
+        return PixelKNN(num_classes, in_channels, image_size, **extra)
+    if extra:
+        raise ValueError(f"architecture {arch!r} takes no arguments {sorted(extra)}")
     if arch == "smallcnn":
         if image_size < 8:
             raise ValueError(f"image_size={image_size}: smallcnn needs at least 8 pixels")

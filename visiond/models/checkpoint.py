@@ -107,6 +107,9 @@ def save_checkpoint(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"visiond": _header_json(fields)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from the service user
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

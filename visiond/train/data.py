@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -116,7 +117,7 @@ def _decode(root: Path, sample: Sample, spec: PreprocessSpec) -> np.ndarray | No
         return None
     try:
         return resize_uint8(img, spec)
-    except (ValueError, Exception) as exc:  # cv2.error on exotic layouts
+    except (ValueError, cv2.error) as exc:  # e.g. a 2-channel TIFF
         log.debug("%s: %s", sample.path, exc)
         return None
 
