@@ -32,6 +32,22 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CaptureRules(_Model):
+    """When a camera's frame goes to the labelling inbox (any rule that matches saves it)."""
+
+    enabled: bool = Field(True, description="Capture from this camera at all (commands included).")
+    low_score_below: float | None = Field(
+        None, ge=0, le=1, description="Save frames whose top score is below this (the model is unsure); none = off.")
+    near_threshold: float | None = Field(
+        None, gt=0, le=0.5,
+        description="Save frames where a defect class scores within this margin of its decision threshold; none = off.")
+    sample_rate: float = Field(0.0, ge=0, le=1, description="Save this random fraction of all frames (0 = off).")
+    max_per_minute: float = Field(30, ge=0, le=60000, description="Rate limit for rule captures (commands bypass it).")
+    dedupe_bits: int = Field(
+        6, ge=-1, le=64,
+        description="Skip a frame whose perceptual hash is within this many bits of a recent capture; -1 = off.")
+
+
 class CameraConfig(_Model):
     name: str = Field(pattern=_NAME, description="Camera name; used in topics and metric labels.")
     source: str = Field(
@@ -49,6 +65,8 @@ class CameraConfig(_Model):
     loop: bool = Field(False, description="Files and folders: start again at the end instead of stopping.")
     open_timeout_s: float = Field(10.0, gt=0, le=600, description="Network streams: give up opening after this long.")
     read_timeout_s: float = Field(5.0, gt=0, le=600, description="Network streams: a read that blocks longer is a stall.")
+    capture: CaptureRules | None = Field(
+        None, description="This camera's capture rules; default: the top-level capture.rules.")
 
     @field_validator("name")
     @classmethod
@@ -87,6 +105,10 @@ class ModelConfig(_Model):
     )
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto = fp16 autocast on CUDA, fp32 on CPU.")
     threads: int = Field(1, ge=0, le=256, description="torch intra-op threads on CPU; 0 = torch's default.")
+    shadow: Path | None = Field(
+        None, description="A candidate checkpoint run beside the served one on the same frames; its labels are "
+        "compared, never published as predictions. Also set/cleared by cmd/shadow.")
+    shadow_interval_s: float = Field(60.0, gt=0, le=86400, description="How often the shadow comparison is published.")
 
 
 class DecideConfig(_Model):
@@ -150,6 +172,15 @@ class LoggingConfig(_Model):
     json_: bool = Field(False, alias="json", description="One JSON object per line (for journald/Loki).")
 
 
+class CaptureConfig(_Model):
+    """Frames the daemon saves into a dataset's inbox for labelling (off unless `dataset` is set)."""
+
+    dataset: Path | None = Field(None, description="Dataset directory; frames go to <dataset>/inbox/. none = off.")
+    quota_mb: float = Field(1024, gt=0, description="Inbox size bound; beyond it the oldest items are evicted.")
+    queue_size: int = Field(64, ge=1, le=10000, description="Frames waiting for the writer; beyond it they are dropped and counted.")
+    rules: CaptureRules = Field(default_factory=CaptureRules, description="Rules of cameras without their own capture section.")
+
+
 class Config(_Model):
     node: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "visiond", pattern=_NAME,
                       description="This box's name in topics; default: host name.")
@@ -160,6 +191,7 @@ class Config(_Model):
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     jsonl: JsonlConfig = Field(default_factory=JsonlConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
@@ -260,6 +292,8 @@ def check_files(cfg: Config) -> list[str]:
     problems = []
     if not cfg.model.checkpoint.exists():
         problems.append(f"model.checkpoint: got '{cfg.model.checkpoint}', expected an existing checkpoint file")
+    if cfg.model.shadow is not None and not cfg.model.shadow.exists():
+        problems.append(f"model.shadow: got '{cfg.model.shadow}', expected an existing checkpoint file")
     if cfg.mqtt.tls:
         for key in ("ca", "cert", "key"):
             f = getattr(cfg.mqtt.tls, key)

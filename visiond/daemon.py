@@ -16,16 +16,21 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from visiond.config import CameraConfig, Config, redact_url
 from visiond.decide import Decider
 from visiond.errors import UserError
+from visiond import liveness
 from visiond.metrics import Metrics, MetricsServer
 from visiond.models.checkpoint import CheckpointError, load_checkpoint
 from visiond.models.runtime import TorchClassifier
 from visiond.notify import sd_notify, watchdog_interval_s
 from visiond.pipeline import InferenceWorker, ModelSlot
 from visiond.queues import FrameHub, FrameQueue
+from visiond.sinks.capture import CaptureSink
 from visiond.sinks.jsonl import JsonlSink
+from visiond.sinks.shadow import ShadowRunner, ShadowSink
 from visiond.sinks.mqtt import MqttSink
 from visiond.sources import FrameSource, default_policy
 from visiond.spool import Spool
@@ -33,6 +38,11 @@ from visiond.spool import Spool
 log = logging.getLogger(__name__)
 
 _MAX_CMD_BYTES = 64 * 1024
+_STATUS_EVERY_S = 5.0  # STATUS= for `systemctl status`, also without a watchdog
+
+
+def _similar(a: float, b: float, factor: float = 1.25) -> bool:
+    return max(a, b) / min(a, b) <= factor
 
 
 def effective_policy(cam: CameraConfig) -> str:
@@ -76,6 +86,14 @@ class Daemon:
         if cfg.jsonl.path:
             self.jsonl = JsonlSink(cfg.jsonl.path, cfg.node, cfg.jsonl.max_bytes, cfg.jsonl.keep)
             sinks.append(self.jsonl)
+        self.capture = None
+        if cfg.capture.dataset is not None:
+            self.capture = CaptureSink(cfg.capture, cfg.cameras, self.metrics,
+                                       thresholds=lambda: self.slot.active[1].thresholds)
+            sinks.append(self.capture)
+        self.shadow = ShadowSink()  # empty until model.shadow or cmd/shadow gives it a candidate
+        self._shadow_lock = threading.Lock()
+        sinks.append(self.shadow)
         self.worker = InferenceWorker(
             self.hub, self.slot, sinks, self.metrics,
             max_batch=cfg.model.max_batch, max_wait_s=cfg.model.max_wait_ms / 1000.0,
@@ -96,6 +114,10 @@ class Daemon:
         self.mqtt.start()
         self.mqtt.set_detail({"model": self._model_detail(self.slot.current()[0]), "cameras": [c.name for c in self.cfg.cameras],
                               "pid": os.getpid()})
+        if self.capture is not None:
+            self.capture.start()
+        if self.cfg.model.shadow is not None:
+            self.set_shadow(self.cfg.model.shadow, "model.shadow")
         self.worker.start()
         for s in self.sources:
             s.start()
@@ -106,32 +128,46 @@ class Daemon:
         return self._shutdown()
 
     def _supervise(self) -> None:
+        """Until stop: exit 1 if a stage thread died; ping the watchdog only while every stage progresses."""
         ping_every = watchdog_interval_s()
-        next_ping = 0.0
+        next_ping = next_status = next_check = 0.0
+        stalled_before: list[str] = []
         while not self.stop_event.wait(0.2):
-            if self.worker.error is not None or not self.worker.alive():
-                if self.worker.error is not None:
-                    self._fail("inference thread died: %r" % (self.worker.error,))
-                else:
-                    log.info("all sources finished; stopping")
-                    self.stop_event.set()
+            dead = liveness.dead_stage(self.worker, self.mqtt, self.sources)
+            if dead is not None:
+                self._fail(dead)
                 return
-            if not self.mqtt.alive():
-                self._fail("MQTT thread died: %r" % (getattr(self.mqtt, "error", None),))
+            if not self.worker.alive():
+                log.info("all sources finished; stopping")
+                self.stop_event.set()
                 return
             self._watch_checkpoint()
-            if ping_every and time.monotonic() >= next_ping and self._healthy_enough():
-                sd_notify("WATCHDOG=1")
-                next_ping = time.monotonic() + ping_every
+            now = time.monotonic()
+            if now < next_check:
+                continue
+            next_check = now + min(ping_every or 1.0, 1.0)
+            stalled = liveness.stalls(self.worker, self.mqtt, self.sources, now)
+            if bool(stalled) != bool(stalled_before):
+                if stalled:
+                    log.error("watchdog pings withheld so the service manager restarts visiond: %s", "; ".join(stalled))
+                else:
+                    log.warning("every stage progresses again; watchdog pings resume")
+                next_status = now  # tell the service manager at once
+            stalled_before = stalled
+            ping = bool(ping_every) and not stalled and now >= next_ping
+            if ping or now >= next_status:
+                status = ("stalled: " + "; ".join(stalled)) if stalled else "running: " + liveness.summary(
+                    self.worker, self.mqtt, self.spool, [c.name for c in self.cfg.cameras],
+                    self.cfg.metrics.stale_after_s, now)
+                sd_notify(("WATCHDOG=1\n" if ping else "") + f"STATUS={status}")
+                next_status = now + _STATUS_EVERY_S
+                if ping:
+                    next_ping = now + ping_every
 
     def _fail(self, why: str) -> None:
         log.error("%s; exiting with code 1 so the service manager restarts visiond", why)
         self._exit_code = 1
         self.stop_event.set()
-
-    def _healthy_enough(self) -> bool:
-        """Watchdog pings stop when the inference loop or the MQTT thread hangs."""
-        return time.monotonic() - self.worker.last_progress < 10 and self.mqtt.alive()
 
     def _shutdown(self) -> int:
         sd_notify("STOPPING=1")
@@ -146,6 +182,9 @@ class Daemon:
         self.worker.join(timeout=10)
         if self.worker.alive():
             log.error("inference did not drain within 10 s; %d frames classified", self.worker.frames_done)
+        self._stop_shadow(final_report=True)  # its last window goes out with the drain below
+        if self.capture is not None:
+            self.capture.stop(timeout=3.0)
         self.mqtt.stop(drain_timeout_s=5.0)
         self.spool.close()
         if self.jsonl:
@@ -211,19 +250,37 @@ class Daemon:
                 msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
                 self.metrics.model_reload_failures.inc()
                 log.error("reload refused, old model keeps serving: %s", msg)
-                self.mqtt.set_detail({"last_error": f"reload refused: {msg}", "last_error_at": time.time()})
+                now = time.time()
+                self.mqtt.set_detail({"last_error": f"reload refused: {msg}", "last_error_at": now,
+                                      "last_reload": {"result": "refused", "why": msg, "at": now}})
                 return False
+            log.info("model %s %s loaded and warmed; it takes over at the next batch", clf.name, clf.version)
             self.slot.stage(clf, decider)
             return True
 
     def _check_fit(self, clf) -> None:
-        old = self.slot.current()[0]
-        if clf.spec.channels != old.spec.channels:
-            raise UserError(f"new model wants {clf.spec.channels} colour channel(s), the serving one {old.spec.channels}")
+        """Refuse a checkpoint the running config cannot serve (the Decider has checked the classes)."""
+        old = self.slot.active[0]
+        spec = clf.spec
+        if spec.channels != old.spec.channels:
+            raise UserError(f"new model wants {spec.channels} colour channel(s), the serving one {old.spec.channels}")
+        aspect = spec.width / spec.height
+        if not _similar(aspect, old.spec.width / old.spec.height):
+            for cam in self.cfg.cameras:
+                if cam.roi is not None and not _similar(aspect, cam.roi[2] / cam.roi[3]):
+                    raise UserError(
+                        f"new model's input {spec.width}x{spec.height} does not fit camera {cam.name}'s roi "
+                        f"{cam.roi[2]}x{cam.roi[3]} (aspect {aspect:.2f} vs {cam.roi[2] / cam.roi[3]:.2f}); "
+                        f"the serving model takes {old.spec.width}x{old.spec.height}")
+        probs = clf.predict(np.zeros((1, spec.height, spec.width, spec.channels), np.uint8))
+        if probs.shape != (1, len(clf.classes)):
+            raise UserError(f"new model gives {probs.shape[-1]} scores for its {len(clf.classes)} classes")
 
     def _model_switched(self, clf) -> None:
         self.metrics.set_model(clf.name, clf.version, clf.arch)
-        self.mqtt.set_detail({"model": self._model_detail(clf), "last_reload_at": time.time()})
+        now = time.time()
+        self.mqtt.set_detail({"model": self._model_detail(clf), "last_reload_at": now,
+                              "last_reload": {"result": "switched", "version": clf.version, "at": now}})
 
     # ---- commands ------------------------------------------------------------
     def _on_command(self, verb: str, payload: bytes) -> None:
@@ -240,8 +297,75 @@ class Daemon:
             return
         if verb == "reload":
             threading.Thread(target=self.reload, args=("cmd/reload",), daemon=True).start()
+        elif verb == "capture":
+            self._cmd_capture(body)
+        elif verb == "shadow":
+            self._cmd_shadow(body)
         else:
-            self._cmd_error(verb, "unknown command; expected one of: reload")
+            self._cmd_error(verb, "unknown command; expected one of: reload, capture, shadow")
+
+    def _cmd_capture(self, body: dict) -> None:
+        """{"camera": name (default: every capturing camera), "count": n (default 1)}."""
+        if self.capture is None:
+            self._cmd_error("capture", "capture is not configured (set capture.dataset)")
+            return
+        camera = body.get("camera")
+        try:
+            self.capture.request(None if camera is None else str(camera), body.get("count", 1))
+        except UserError as exc:
+            self._cmd_error("capture", str(exc))
+
+    def _cmd_shadow(self, body: dict) -> None:
+        """{"checkpoint": path} runs a candidate in shadow mode; {"checkpoint": null} stops it.
+
+        Only checkpoints in the served checkpoint's directory (or model.shadow) are accepted:
+        a command must not make the daemon read arbitrary files.
+        """
+        path = body.get("checkpoint")
+        if path is None:
+            threading.Thread(target=self._stop_shadow, kwargs={"final_report": True}, daemon=True).start()
+            self.mqtt.set_detail({"shadow": None})
+            return
+        allowed = {self.cfg.model.checkpoint.resolve().parent}
+        if self.cfg.model.shadow is not None:
+            allowed.add(self.cfg.model.shadow.resolve().parent)
+        target = Path(str(path)).expanduser()
+        if not target.is_absolute():
+            target = self.cfg.model.checkpoint.resolve().parent / target
+        target = target.resolve()
+        if target.parent not in allowed:
+            self._cmd_error("shadow", f"checkpoint must be in {', '.join(sorted(map(str, allowed)))}")
+            return
+        threading.Thread(target=self.set_shadow, args=(target, "cmd/shadow"), daemon=True).start()
+
+    # ---- shadow mode -----------------------------------------------------------
+    def set_shadow(self, path: Path, why: str) -> bool:
+        """Load and warm a candidate, then run it beside the served model (replacing any other)."""
+        with self._shadow_lock:
+            try:
+                ckpt = load_checkpoint(path)
+                clf = TorchClassifier(ckpt, device=self.cfg.model.device, precision=self.cfg.model.precision,
+                                      threads=self.cfg.model.threads)
+                clf.warmup(self.cfg.model.max_batch)
+            except (CheckpointError, UserError, ValueError, RuntimeError, OSError) as exc:
+                msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+                log.error("shadow candidate refused (%s): %s", why, msg)
+                self.mqtt.set_detail({"last_error": f"shadow refused: {msg}", "last_error_at": time.time()})
+                return False
+            runner = ShadowRunner(clf, self.mqtt.submit_shadow, self.metrics, self.cfg.model.shadow_interval_s)
+            runner.start()
+            old = self.shadow.replace(runner)
+            if old is not None:
+                old.stop(final_report=True)
+            self.mqtt.set_detail({"shadow": {"name": clf.name, "version": clf.version, "path": str(path),
+                                             "interval_s": self.cfg.model.shadow_interval_s}})
+            return True
+
+    def _stop_shadow(self, final_report: bool = True) -> None:
+        with self._shadow_lock:
+            old = self.shadow.replace(None)
+            if old is not None:
+                old.stop(final_report=final_report)
 
     def _cmd_error(self, verb: str, why: str) -> None:
         msg = f"cmd/{verb[:64]}: {why}"

@@ -78,6 +78,14 @@ class Metrics:
         self.capture_write_failures = Counter(
             "visiond_capture_write_failures", "Capture writes that failed.", ["camera", "reason"], registry=r
         )
+        self.capture_skipped = Counter(
+            "visiond_capture_skipped", "Frames a capture rule matched but did not save (duplicate, rate_limited).",
+            ["camera", "reason"], registry=r
+        )
+        self.shadow_frames = Counter(
+            "visiond_shadow_frames", "Frames the shadow candidate classified, by outcome (agree, disagree, skipped).",
+            ["camera", "outcome"], registry=r
+        )
         # process
         self.build_info = Info("visiond_build", "visiond build.", registry=r)
         self.build_info.info({"version": __version__})

@@ -16,10 +16,9 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from visiond.decide import Decider, DefectDebouncer
-from visiond.frames import Batch, Frame, ModelRef, Prediction, Timings
+from visiond.frames import Frame, ModelRef, Prediction, Timings
 from visiond.metrics import Metrics
 from visiond.models.runtime import Classifier
-from visiond.preprocess import stack_uint8
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +50,11 @@ class ModelSlot:
     def stage(self, classifier: Classifier, decider: Decider) -> None:
         with self._lock:
             self._staged = (classifier, decider)
+
+    @property
+    def active(self) -> tuple[Classifier, Decider]:
+        """The model serving right now, without taking a staged one (any thread, read-only)."""
+        return self._active
 
     def current(self) -> tuple[Classifier, Decider]:
         if self._staged is not None:
@@ -128,8 +132,7 @@ class InferenceWorker:
         """One batch through the model; public so the bench can drive it directly."""
         clf, decider = self._slot.current()
         t0 = time.monotonic()
-        batch = Batch(tuple(frames), stack_uint8([f.image for f in frames], clf.spec), t0)
-        probs = clf.predict(batch.pixels)
+        probs = clf.predict_images([f.image for f in frames])
         t1 = time.monotonic()
         verdicts = decider.decide(probs)
         model = ModelRef(clf.name, clf.version)

@@ -45,6 +45,10 @@ _FFMPEG_OPTIONS_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
 _ffmpeg_env_lock = threading.Lock()
 _ffmpeg_env_ready = False
 _WATCHDOG_PERIOD_S = 0.25  # stall noticed within read_timeout + 1 + this
+# Folder images: a 20000x20000 PNG compresses to kilobytes and decodes to 1.2 GB.
+# 50 MP covers the largest industrial sensors; bigger files are skipped unread.
+MAX_IMAGE_PIXELS = 50_000_000
+MAX_IMAGE_BYTES = 512 * 1024 * 1024
 
 
 class RoiError(ValueError):
@@ -74,7 +78,7 @@ def default_policy(source: str | int) -> Literal["latest", "every"]:
     return "latest" if is_live(source) else "every"
 
 
-def open_capture(source: str | int, cfg: CameraConfig, on_decode_error: Callable[[Path], None] | None = None):
+def open_capture(source: str | int, cfg: CameraConfig, on_decode_error: Callable[[Path, str], None] | None = None):
     """Open `source` with the backend its kind needs; the caller must release() it, opened or not."""
     kind = source_kind(source)
     if kind in ("stream", "file"):
@@ -147,10 +151,51 @@ def _natural_key(path: Path) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
-class ImageFolderCapture:
-    """A folder of images read like a VideoCapture: sorted, unreadable files logged and skipped."""
+def _header_pixels(path: Path) -> int | None:
+    """Width x height from the image header, without decoding; None when the header can't be read."""
+    import warnings
 
-    def __init__(self, folder: str | Path, on_decode_error: Callable[[Path], None] | None = None):
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.size[0] * im.size[1]
+    except Image.DecompressionBombError as exc:  # PIL's own limit is above ours: report its count
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        return int(found.group(1)) if found else MAX_IMAGE_PIXELS + 1
+    except Exception:  # PIL can't parse it (UnidentifiedImageError and worse): OpenCV decides
+        return None
+
+
+def load_image(path: Path) -> tuple[np.ndarray | None, str, str]:
+    """(BGR uint8 image, "", "") or (None, drop reason, why) for a file that must be skipped."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return None, "decode_error", "empty file"
+        if size > MAX_IMAGE_BYTES:
+            return None, "too_large", f"{size} bytes, over the limit of {MAX_IMAGE_BYTES}"
+        pixels = _header_pixels(path)
+        if pixels is not None and pixels > MAX_IMAGE_PIXELS:
+            return None, "too_large", f"{pixels} pixels, over the limit of {MAX_IMAGE_PIXELS}"
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        return None, "decode_error", f"cannot read ({exc.strerror or exc.__class__.__name__})"
+    if data[:2].tobytes() == b"\xff\xd8" and not data.tobytes().rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
+        # libjpeg would hand back a grey-filled partial picture: never classify half a part
+        return None, "decode_error", "truncated JPEG (no end-of-image marker)"
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if image is None or image.size == 0:
+        return None, "decode_error", "not a decodable image"
+    return image, "", ""
+
+
+class ImageFolderCapture:
+    """A folder of images read like a VideoCapture: sorted; unreadable or oversized files logged and skipped."""
+
+    def __init__(self, folder: str | Path, on_decode_error: Callable[[Path, str], None] | None = None):
         self.folder = Path(folder)
         self._on_decode_error = on_decode_error
         try:
@@ -171,13 +216,13 @@ class ImageFolderCapture:
         while self._pos < len(self._files):
             path = self._files[self._pos]
             self._pos += 1
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            image, reason, why = load_image(path)
             if image is not None:
                 self._image = image
                 return True
-            log.warning("skipping unreadable image %s", path)
+            log.warning("skipping image %s: %s", path, why)
             if self._on_decode_error is not None:
-                self._on_decode_error(path)
+                self._on_decode_error(path, reason)
         return False
 
     def retrieve(self, image=None, flag: int = 0) -> tuple[bool, np.ndarray | None]:
@@ -282,6 +327,7 @@ class FrameSource:
         # cached children: no .labels() lookup per frame
         self._captured = metrics.frames_captured.labels(camera=self.camera)
         self._decode_errors = metrics.frames_dropped.labels(camera=self.camera, reason="decode_error")
+        self._too_large = metrics.frames_dropped.labels(camera=self.camera, reason="too_large")
         self._up = metrics.source_up.labels(camera=self.camera)
         self._reconnects = metrics.source_reconnects.labels(camera=self.camera)
         self._last_frame = metrics.source_last_frame.labels(camera=self.camera)
@@ -290,6 +336,8 @@ class FrameSource:
         self._status_key: tuple[bool, str] | None = None
         self._status_lock = threading.Lock()
         self._read_started = 0.0  # monotonic start of the read in progress; 0.0 = not reading
+        self._open_started = 0.0  # monotonic start of the open in progress; 0.0 = not opening
+        self.error: BaseException | None = None  # the exception that killed the capture thread (a bug)
         self._last_frame_mono = 0.0
         self._roi_shape: tuple[int, ...] | None = None
         self._roi: tuple[slice, slice] | None = None
@@ -315,6 +363,20 @@ class FrameSource:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def blocked(self, now: float) -> tuple[str, float, float] | None:
+        """("open"|"read", seconds inside it, the timeout it was given) while the capture thread is in one; else None.
+
+        FFmpeg and V4L2 honour their timeouts, so a call far past its own is a wedged
+        driver that only a restart clears (the daemon's liveness check uses this).
+        """
+        started = self._open_started
+        if started:
+            return "open", now - started, self.cfg.open_timeout_s
+        started = self._read_started
+        if started:
+            return "read", now - started, self.cfg.read_timeout_s
+        return None
+
     # --- capture thread ---
 
     def _run(self) -> None:
@@ -323,7 +385,8 @@ class FrameSource:
         except RoiError as exc:
             log.error("camera %s: %s", self.camera, exc)
             self._report(False, str(exc))
-        except Exception as exc:  # a bug must not take the other cameras down
+        except Exception as exc:  # a bug: reported; the daemon decides (it exits non-zero)
+            self.error = exc
             log.exception("camera %s: source failed", self.camera)
             self._report(False, f"source failed: {exc.__class__.__name__}")
         finally:
@@ -333,7 +396,7 @@ class FrameSource:
     def _run_file(self) -> None:
         """Play the file (or folder) once, or forever with loop: true, reopening at each end."""
         while not self._stop.is_set():
-            cap = self._opener(self.cfg.source, self.cfg, self._on_decode_error)
+            cap = self._open()
             try:
                 if not cap.isOpened():
                     self._report(False, f"cannot open {self._shown}")
@@ -352,7 +415,7 @@ class FrameSource:
         """Open, stream until it fails, release, back off, reopen: forever, with a new capture each time."""
         attempt = 0
         while not self._stop.is_set():
-            cap = self._opener(self.cfg.source, self.cfg, self._on_decode_error)
+            cap = self._open()
             try:
                 if cap.isOpened():
                     frames, reason = self._pump(cap)
@@ -372,6 +435,13 @@ class FrameSource:
                 break
             self._reconnects.inc()
         self._report(False, "stopped")
+
+    def _open(self):
+        self._open_started = time.monotonic()
+        try:
+            return self._opener(self.cfg.source, self.cfg, self._on_decode_error)
+        finally:
+            self._open_started = 0.0
 
     def _pump(self, cap) -> tuple[int, str]:
         """Read until the source ends, fails or we stop; return (frames queued, why it ended)."""
@@ -421,8 +491,8 @@ class FrameSource:
             return f"stalled: no frame for {now - (self._last_frame_mono or now - blocked_s):.1f} s"
         return "read failed"
 
-    def _on_decode_error(self, path: Path) -> None:
-        self._decode_errors.inc()
+    def _on_decode_error(self, path: Path, reason: str = "decode_error") -> None:
+        (self._too_large if reason == "too_large" else self._decode_errors).inc()
 
     # --- status ---
 

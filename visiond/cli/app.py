@@ -25,7 +25,8 @@ app = typer.Typer(
 )
 
 # Each module registers its commands on `app` with a `register(app)` function.
-_COMMAND_MODULES = ("visiond.cli.run", "visiond.cli.dataset", "visiond.cli.model")
+_COMMAND_MODULES = ("visiond.cli.run", "visiond.cli.dataset", "visiond.cli.model", "visiond.cli.label",
+                    "visiond.cli.capture", "visiond.cli.loop")
 
 
 def _version(value: bool):

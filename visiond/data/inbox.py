@@ -285,7 +285,7 @@ def accept_inbox_item(dataset_dir: str | Path, item_id: str, label: str, *, spli
         sample = Sample(rel, label, split, item.source, item.captured_at, item.sha256, extra)
         _place_image(item.image_path, dataset_dir / rel)
         samples = _read_or_empty(dataset_dir)
-        already = [s for s in samples if s.extra.get("inbox_id") == item.id]
+        already = [s for s in samples if s.extra.get("inbox_id") == item.id or (s.path == rel and s.label == label)]
         if already:
             sample = already[0]
         else:

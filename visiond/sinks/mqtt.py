@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 PREDICTION_SCHEMA = "visiond.prediction/1"
 EVENT_SCHEMA = "visiond.event/1"
+SHADOW_SCHEMA = "visiond.shadow/1"
 MAX_COMMAND_BYTES = 64 * 1024
 RESERVED_CAMERA_NAMES = frozenset({"status", "cmd"})  # would collide with the node's own topics
 
@@ -123,6 +124,11 @@ def _build_event(camera: str, event: Mapping[str, Any], node: str, seq: int) -> 
     return event_payload(camera, event, seq, node, str(uuid.uuid4()))
 
 
+def _build_shadow(camera: str, report: dict, node: str, seq: int) -> bytes:
+    return _encode({"schema": SHADOW_SCHEMA, "id": str(uuid.uuid4()), "node": node, "camera": camera, "seq": seq,
+                    **report}).encode()
+
+
 # ---------------------------------------------------------------- topics
 
 
@@ -152,6 +158,9 @@ class Topics:
 
     def event(self, camera: str) -> str:
         return f"{self._camera(camera)}/event"
+
+    def shadow(self, camera: str) -> str:
+        return f"{self._camera(camera)}/shadow"
 
     def cmd(self, verb: str) -> str:
         return f"{self.base}/cmd/{verb}"
@@ -219,6 +228,7 @@ class MqttSink:
         self._offline_until = 0.0
         self._closing = False  # our own DISCONNECT is under way
         self._next_gauges = 0.0
+        self.last_loop = time.monotonic()  # the MQTT loop's heartbeat (daemon liveness)
 
     def _make_client(self) -> paho.Client:
         """Configure everything up front so a bad TLS file fails in the caller, not in the thread."""
@@ -289,6 +299,11 @@ class MqttSink:
         build = functools.partial(_build_event, camera, event, self._node)
         self._spool_items([(self.topics.event(camera), build, self._cfg.qos, float(event["at"]), camera, "event")])
 
+    def submit_shadow(self, camera: str, report: Mapping[str, Any]) -> None:
+        """Spool one shadow-mode comparison (its own gapless seq stream, like events)."""
+        build = functools.partial(_build_shadow, camera, dict(report), self._node)
+        self._spool_items([(self.topics.shadow(camera), build, self._cfg.qos, time.time(), camera, "shadow")])
+
     def set_camera_status(self, camera: str, online: bool, reason: str) -> None:
         """Retained JSON on `<camera>/status`: {"state": "online"|"offline", "reason", "at"}."""
         payload = _encode({"state": "online" if online else "offline", "reason": reason, "at": rfc3339(time.time())})
@@ -356,7 +371,7 @@ class MqttSink:
 
     def _serve(self) -> None:
         while True:
-            now = time.monotonic()
+            now = self.last_loop = time.monotonic()
             self._update_gauges(now)
             stopping = self._stop_deadline is not None
             if self._client.socket() is None:
