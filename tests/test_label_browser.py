@@ -6,6 +6,7 @@ Set VISIOND_DOCS_SCREENSHOT=1 to also refresh docs/label-page.png for the README
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -53,26 +54,36 @@ def dataset(tmp_path):
 
 
 @pytest.fixture
-def page(dataset, tmp_path):
+def open_page(tmp_path):
+    """open_page(dataset_dir) -> a Chromium page on a fresh server for that dataset."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]'")
     chromium = require_binary("chromium", "chromium")
-    srv = make_server(dataset[0], port=0).start()
-    with sync_api.sync_playwright() as pw:
-        ctx = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1280, "height": 800})
-        try:
+    sync_api.expect.set_options(timeout=WAIT_MS)
+    errors: list[str] = []
+    with contextlib.ExitStack() as stack:
+        pw = stack.enter_context(sync_api.sync_playwright())
+
+        def open_page(ds: Path):
+            srv = make_server(ds, port=0).start()
+            stack.callback(srv.close)
+            ctx = pw.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
+                viewport={"width": 1280, "height": 800})
+            stack.callback(ctx.close)
             pg = ctx.pages[0] if ctx.pages else ctx.new_page()
             pg.set_default_timeout(WAIT_MS)
-            errors: list[str] = []
             pg.on("pageerror", lambda exc: errors.append(str(exc)))
             pg.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
             pg.goto(srv.url)
-            yield pg
-            assert not errors, errors
-        finally:
-            ctx.close()
-            srv.close()
+            return pg
+
+        yield open_page
+    assert not errors, errors
+
+
+@pytest.fixture
+def page(open_page, dataset):
+    return open_page(dataset[0])
 
 
 def _rows(ds: Path) -> dict[str, str]:
@@ -90,7 +101,7 @@ def test_label_the_inbox_with_keys_and_the_grid(page, dataset, tmp_path):
     ds, ids = dataset
     progress, image, selected = page.locator("#progress"), page.locator("#image"), page.locator("button.cls.selected")
     # given the page: classes empty, ok, scratch, spot on keys 1-4; the first frame is large and crisp
-    expect(progress).to_have_text("0 / 6 labelled, 6 left", timeout=WAIT_MS)
+    expect(progress).to_have_text("0 / 6 labelled, 6 left")
     expect(image).to_have_attribute("data-id", ids[0])
     expect(page.locator("button.cls")).to_have_text([re.compile(rf"^{i + 1}\s+{c}") for i, c in
                                                        enumerate(synthline.CLASSES)])
@@ -162,3 +173,37 @@ def test_label_the_inbox_with_keys_and_the_grid(page, dataset, tmp_path):
     assert _in_inbox(ds) == [ids[1]]
     page.screenshot(path=str(tmp_path / "label-done.png"))
     assert (tmp_path / "label-page.png").stat().st_size > 10_000
+
+
+def test_an_empty_inbox_says_so_and_a_new_class_can_be_added(open_page, tmp_path):
+    from playwright.sync_api import expect
+
+    # given a fresh dataset: no manifest, nothing captured yet
+    ds = tmp_path / "fresh"
+    ds.mkdir()
+    page = open_page(ds)
+    expect(page.locator("#progress")).to_have_text("0 / 0 labelled, 0 left")
+    expect(page.locator("#empty")).to_be_visible()
+    expect(page.locator("#message")).to_contain_text("No classes yet")
+    # when a class is typed in (keys typed there are text, not shortcuts) and a frame arrives
+    page.locator("#new-class").fill("dent")
+    page.locator("#new-class").press("s")
+    page.locator("#new-class").press("Backspace")
+    page.locator("#new-class").press("Enter")
+    expect(page.locator("button.cls")).to_have_text([re.compile(r"1\s+dent")])
+    write_inbox_item(ds, cv2.imread(str(_line_crops(tmp_path)[0])), {"camera": "line2", "prediction": None})
+    # then the page picks it up on its own, with no class pre-selected, and 1 + Enter labels it
+    expect(page.locator("#progress")).to_have_text("0 / 1 labelled, 1 left")
+    expect(page.locator("button.cls.selected")).to_have_count(0)
+    expect(page.locator("#guess")).to_have_text("model: no guess")
+    page.keyboard.press("Enter")
+    expect(page.locator("#message")).to_contain_text("Choose a class first")
+    page.keyboard.press("1")
+    page.keyboard.press("Enter")
+    expect(page.locator("#progress")).to_have_text("1 / 1 labelled, 0 left")
+    assert [s.label for s in read_manifest(ds)] == ["dent"]
+
+
+def _line_crops(tmp_path: Path) -> list[Path]:
+    synthline.render_images(tmp_path / "crops", per_class=1, seed=5, size=64)
+    return sorted((tmp_path / "crops").rglob("*.png"))

@@ -195,19 +195,26 @@ def test_a_grid_accept_with_an_unknown_id_changes_nothing(server, dataset):
     assert len(read_manifest(ds)) == n and len(list_inbox(ds)) == 4
 
 
-def test_identical_images_share_a_file_and_undo_keeps_it_for_the_other(tmp_path):
+def test_an_image_already_labelled_so_adds_no_row_and_undo_still_returns_it(tmp_path):
     ds = tmp_path / "ds"
     a = write_inbox_item(ds, _image(5), {"camera": "c", "captured_at": 1.0})
     b = write_inbox_item(ds, _image(5), {"camera": "c", "captured_at": 2.0})
     srv = make_server(ds, port=0, classes=["ok"]).start()
     try:
-        api(srv, "/api/accept", {"ids": [a.id], "label": "ok"})
-        api(srv, "/api/accept", {"ids": [b.id], "label": "ok"})
+        assert api(srv, "/api/accept", {"ids": [a.id], "label": "ok"})[0] == 200
+        sidecar_b = b.sidecar_path.read_bytes()
+        assert api(srv, "/api/accept", {"ids": [b.id], "label": "ok"})[0] == 200
         rows = read_manifest(ds)
-        assert len(rows) == 2 and rows[0].path == rows[1].path
+        assert [s.extra["inbox_id"] for s in rows] == [a.id] and list_inbox(ds) == []
+        assert state(srv)["labelled"] == 2
+        # undo brings b back as it was and leaves a's row and file alone
         assert api(srv, "/api/undo", {})[1]["restored"] == [b.id]
-        assert [s.extra["inbox_id"] for s in read_manifest(ds)] == [a.id]
-        assert (ds / rows[0].path).is_file()
+        assert [i.id for i in list_inbox(ds)] == [b.id] and b.sidecar_path.read_bytes() == sidecar_b
+        assert read_manifest(ds) == rows and (ds / rows[0].path).is_file()
+        # and then a's accept undoes normally
+        assert api(srv, "/api/undo", {})[1]["restored"] == [a.id]
+        assert read_manifest(ds) == [] and [i.id for i in list_inbox(ds)] == [a.id, b.id]
+        assert not (ds / rows[0].path).exists()
     finally:
         srv.close()
 

@@ -222,3 +222,78 @@ class Spool:
             )
             self._dropped_unlogged = 0
             self._last_drop_log = now
+
+
+class SpoolWriter:
+    """Group commit in front of the spool: producers hand batches over and go on;
+    one thread writes everything queued in one transaction (one fsync).
+
+    The inference thread then never waits on the disk (an SD card's fsync can take
+    tens of ms), and under load many batches share one fsync. A bound keeps memory
+    finite: when the disk falls that far behind, `put` blocks, and frames back up
+    into the camera queues, where the drop policy counts them.
+    """
+
+    def __init__(self, spool: Spool, on_written: Callable[[], None], on_failed: Callable[[int], None],
+                 max_pending: int = 20_000):
+        self._spool, self._on_written, self._on_failed = spool, on_written, on_failed
+        self._max = max_pending
+        self._pending: list = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def put(self, items: list) -> None:
+        with self._cond:
+            while len(self._pending) >= self._max and not self._stopping and self._thread.is_alive():
+                self._cond.wait(0.5)
+            self._pending.extend(items)
+            self._cond.notify_all()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything handed over so far is on disk."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._pending or self._busy) and self._thread.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.1))
+        return not self._pending
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.flush(timeout)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if not self._pending and self._stopping:
+                    return
+                items, self._pending = self._pending, []
+                self._busy = True
+                self._cond.notify_all()
+            try:
+                self._spool.append(items)
+            except Exception:  # a full or broken disk must not end the stage; count and go on
+                self._on_failed(len(items))
+                log.exception("could not spool %d message(s); they are lost (counted as failed)", len(items))
+            else:
+                self._on_written()
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()

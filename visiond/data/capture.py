@@ -52,20 +52,20 @@ class CaptureOptions:
     def mode(self) -> str:
         if self.stdin:
             return "stdin"
-        if self.every_frames:
+        if self.every_frames is not None:
             return "every_frames"
-        if self.every_seconds:
+        if self.every_seconds is not None:
             return "every_seconds"
         return "burst"
 
     def validate(self) -> None:
         chosen = [n for n, v in (("--every-frames", self.every_frames), ("--every-seconds", self.every_seconds),
-                                 ("--stdin", self.stdin)) if v]
+                                 ("--stdin", self.stdin or None)) if v is not None]
         if len(chosen) > 1:
             raise UserError(f"{' and '.join(chosen)} exclude each other; choose one way to pick frames")
-        if not chosen and not self.burst:
+        if not chosen and self.burst is None:
             raise UserError("choose how to pick frames: --every-frames N, --every-seconds S, --burst K or --stdin")
-        if self.burst and (self.every_frames or self.every_seconds):
+        if self.burst is not None and (self.every_frames is not None or self.every_seconds is not None):
             raise UserError("--burst goes alone or with --stdin (a burst per Enter)")
         checks = [(self.every_frames is None or self.every_frames >= 1, f"--every-frames {self.every_frames}: expected >= 1"),
                   (self.every_seconds is None or self.every_seconds > 0, f"--every-seconds {self.every_seconds}: expected > 0"),
@@ -223,6 +223,6 @@ def _position_s(cap, kind: str, wall: float) -> float:
     """Video time for files (reading runs faster than real time), wall time otherwise."""
     if kind == "file":
         ms = cap.get(cv2.CAP_PROP_POS_MSEC)
-        if ms and ms > 0:
+        if ms is not None and ms >= 0:
             return ms / 1000.0
     return wall

@@ -209,7 +209,7 @@ def list_inbox(dataset_dir: str | Path) -> list[InboxItem]:
     directory = inbox_dir(dataset_dir)
     try:
         names = os.listdir(directory)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
     images = {n[: -len(IMAGE_SUFFIX)] for n in names if n.endswith(IMAGE_SUFFIX) and not n.startswith(".")}
     items = []
@@ -267,7 +267,8 @@ def accept_inbox_item(dataset_dir: str | Path, item_id: str, label: str, *, spli
 
     Order: place the image, rewrite the manifest (atomic, under the lock), then unlink the
     inbox files; a crash in between leaves the item in the inbox and re-accepting it
-    does not add a second row. The row's extra fields keep inbox_id, camera, rule, phash
+    does not add a second row (nor does an image already in the dataset with the same
+    label). The row's extra fields keep inbox_id, camera, rule, phash
     and the model's guess (predicted_label, predicted_score, model_version).
     """
     dataset_dir = Path(dataset_dir)
@@ -357,6 +358,6 @@ def inbox_usage(dataset_dir: str | Path) -> tuple[int, int]:
                 if e.is_file(follow_symlinks=False):
                     total += e.stat(follow_symlinks=False).st_size
                     files += 1
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         pass
     return total, files

@@ -13,6 +13,7 @@ import ipaddress
 import json
 import logging
 import secrets
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -232,6 +233,8 @@ class LabelServer(ThreadingHTTPServer):
         self.token = secrets.token_urlsafe(24)
         self._static: dict[str, bytes] = {}
         self._thread: threading.Thread | None = None
+        if ":" in bind:
+            self.address_family = socket.AF_INET6
         try:
             super().__init__((bind, port), _Handler)
         except OSError as exc:

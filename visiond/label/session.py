@@ -28,11 +28,16 @@ class NotFound(UserError):
 
 @dataclass
 class _Accepted:
-    """One accepted item and its original sidecar, so undo restores the model's full top-k."""
+    """One accepted item and its original sidecar, so undo restores the model's full top-k.
+
+    `own_row` is False when the same bytes were already labelled so (the accept added no row).
+    """
 
     item_id: str
     label: str
     sidecar: bytes
+    path: str
+    own_row: bool
 
 
 @dataclass
@@ -121,7 +126,8 @@ class LabelSession:
                 for item_id in ids:
                     sidecar = _read_or_none(present[item_id].sidecar_path)
                     sample = inbox.accept_inbox_item(self.dataset_dir, item_id, label)
-                    group.append(_Accepted(item_id, label, sidecar or b""))
+                    own_row = sample.extra.get("inbox_id") == item_id
+                    group.append(_Accepted(item_id, label, sidecar or b"", sample.path, own_row))
                     self._order.restored.pop(item_id, None)
                     self._order.skipped.pop(item_id, None)
                     log.info("labelled %s as %s -> %s", item_id, label, sample.path)
@@ -141,8 +147,11 @@ class LabelSession:
             restored: list[str] = []
             try:
                 for acc in reversed(group):
-                    inbox.return_to_inbox(self.dataset_dir, acc.item_id)
-                    self._restore_sidecar(acc)
+                    if acc.own_row:
+                        inbox.return_to_inbox(self.dataset_dir, acc.item_id)
+                        self._restore_sidecar(acc)
+                    else:
+                        self._restore_duplicate(acc)
                     self._order.restored[acc.item_id] = next(self._order.counter)
                     restored.append(acc.item_id)
                     log.info("undid %s (was %s)", acc.item_id, acc.label)
@@ -176,6 +185,17 @@ class LabelSession:
             if label not in self._classes:
                 raise UserError(f"label {label!r}: not a class of this run ({', '.join(self._classes) or 'none yet'})")
         return label
+
+    def _restore_duplicate(self, acc: _Accepted) -> None:
+        """An accept that found its bytes already labelled only emptied the inbox entry: put it back."""
+        directory = inbox.inbox_dir(self.dataset_dir)
+        with inbox.manifest_lock(self.dataset_dir):
+            try:
+                data = (self.dataset_dir / acc.path).read_bytes()
+            except FileNotFoundError:
+                raise NotFound(f"inbox item {acc.item_id!r}: its image {acc.path} is gone from the dataset") from None
+            atomic_write_bytes(directory / f"{acc.item_id}{inbox.IMAGE_SUFFIX}", data)
+            atomic_write_bytes(directory / f"{acc.item_id}{inbox.SIDECAR_SUFFIX}", acc.sidecar)
 
     def _restore_sidecar(self, acc: _Accepted) -> None:
         """`return_to_inbox` rebuilds the sidecar from the manifest row; the original keeps the full top-k."""

@@ -227,8 +227,8 @@ class CaptureSink:
     def _run(self) -> None:
         try:
             self._resync()
-        except Exception:
-            log.exception("capture: cannot read the inbox at %s; the quota counts from zero", self.dataset)
+        except (OSError, UserError) as exc:
+            log.error("capture: cannot read the inbox at %s (%s); the quota counts from zero", self.dataset, exc)
         while True:
             try:
                 job = self._queue.get(timeout=0.2)

@@ -31,7 +31,7 @@ class JsonlSink:
         lines = "".join(json.dumps(self._record(p), separators=(",", ":")) + "\n" for p in predictions)
         with self._lock:
             self._f.write(lines)
-            if self._f.tell() > self._max:
+            if self._f.seekable() and self._f.tell() > self._max:  # a pipe (a log shipper) is never rotated
                 self._rotate()
 
     def _record(self, p: Prediction) -> dict:

@@ -36,7 +36,7 @@ from visiond import __version__
 from visiond.config import MqttConfig
 from visiond.frames import ModelRef, Prediction
 from visiond.metrics import Metrics
-from visiond.spool import Spool, SpooledMessage
+from visiond.spool import Spool, SpooledMessage, SpoolWriter
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +203,7 @@ class MqttSink:
         self._wake_w.setblocking(False)
         self._client = self._make_client()
         self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+        self._writer = SpoolWriter(spool, on_written=self._wake, on_failed=self._count_failed.inc)
         self._stop_deadline: float | None = None
         self._error: BaseException | None = None
         self._connected = False
@@ -264,6 +265,7 @@ class MqttSink:
     def start(self) -> None:
         """Start the MQTT thread; returns at once, the broker may well be away."""
         self._metrics.mqtt_connected.set(0)
+        self._writer.start()
         self._thread.start()
 
     @property
@@ -271,8 +273,8 @@ class MqttSink:
         return self._connected
 
     def alive(self) -> bool:
-        """False once the thread has ended (after stop, or from a bug: see `error`)."""
-        return self._thread.is_alive()
+        """False once a thread of the sink has ended (after stop, or from a bug: see `error`)."""
+        return self._thread.is_alive() and self._writer.alive()
 
     @property
     def error(self) -> BaseException | None:
@@ -321,6 +323,7 @@ class MqttSink:
         What is not acknowledged by then stays in the spool for the next start.
         The broker sees a normal DISCONNECT, so it does not send the last will.
         """
+        self._writer.stop(timeout=drain_timeout_s + 5.0)  # every submitted message reaches the spool first
         if self._thread.ident is not None and self._thread.is_alive():
             self._stop_deadline = time.monotonic() + drain_timeout_s
             self._wake()
@@ -335,13 +338,21 @@ class MqttSink:
     # ------------------------------------------------------------ helpers for any thread
 
     def _spool_items(self, items: list) -> None:
-        try:
+        """Hand over to the group-commit writer; the caller never waits on fsync."""
+        if self._writer.alive():
+            self._writer.put(items)
+            return
+        try:  # before start() / after stop(): write through
             self._spool.append(items)
-        except Exception:  # a full or broken disk must not kill the inference thread
+        except Exception:
             self._count_failed.inc(len(items))
             log.exception("could not spool %d message(s); they are lost (counted as failed)", len(items))
             return
         self._wake()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every submitted message is in the spool (fsync'd)."""
+        return self._writer.flush(timeout)
 
     def _set_retained(self, topic: str, payload: bytes | None) -> None:
         with self._lock:
