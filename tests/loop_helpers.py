@@ -11,6 +11,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from tools import synthline
 
@@ -77,8 +78,8 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
         time.sleep(interval)
 
 
-def line_cfg(model: Path, mosquitto, cameras: list[dict], defect_classes=("scratch", "spot"), **extra) -> dict:
-    cfg = {"cameras": cameras, "model": {"checkpoint": str(model), "max_batch": 8},
+def line_cfg(checkpoint: Path, mosquitto, cameras: list[dict], defect_classes=("scratch", "spot"), **extra) -> dict:
+    cfg = {"cameras": cameras, "model": {"checkpoint": str(checkpoint), "max_batch": 8},
            "decide": {"defect_classes": list(defect_classes)},
            "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "keepalive_s": 5}}
     for key, value in extra.items():
@@ -104,3 +105,11 @@ def epoch(rfc3339: str) -> float:
     import datetime as dt
 
     return dt.datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+@pytest.fixture(scope="session")
+def model_without_spot(tmp_path_factory, synth_images) -> Path:
+    """A smallcnn trained on empty/ok/scratch only: the line's model before spots ever appeared."""
+    base = tmp_path_factory.getbasetemp()
+    images = without_class(synth_images, base / "synth_images_no_spot", "spot")
+    return trained_model(base / "model_no_spot" / "no_spot.ckpt", images, epochs=10)

@@ -5,8 +5,9 @@ AF_UNIX datagram socket this test binds), `WATCHDOG_USEC` set and
 `WATCHDOG_PID` unset (systemd sets it to the main pid; the child's pid is not
 known before it starts). Stalls are real, not hooks in the product: a capture
 read wedged on a FIFO whose writer went quiet, an audit-trail write that blocks
-because the pipe's reader stopped reading, and an MQTT thread stuck on the
-spool's write lock (held by another process) while it records acks.
+because the pipe's reader stopped reading, a spool write (and, separately, the
+MQTT thread recording acks) stuck on the spool's write lock held by another
+process: what a hung disk looks like.
 """
 
 from __future__ import annotations
@@ -317,6 +318,32 @@ def test_a_stalled_inference_stops_the_pings_and_they_resume(tmp_path, mosquitto
     assert "Traceback" not in d.stderr
 
 
+def test_a_hung_spool_disk_stops_the_pings_and_they_resume(tmp_path, mosquitto, line_model, synth_video, notify):
+    # given a camera at 10 fps and a daemon pinging its watchdog
+    cam = {"name": "line1", "source": str(synth_video.path), "loop": True, "fps": 10, "roi": list(synth_video.roi)}
+    d = Daemon(tmp_path, _cfg(line_model, mosquitto, [cam]), env=notify.env())
+    try:
+        ready = notify.wait_for(_has("READY=1"), 120, "READY=1", d.proc)
+        notify.wait_for(lambda ms: len([1 for t, m in ms if t > ready and "WATCHDOG=1" in m]) >= 2, 30, "pings",
+                        d.proc)
+        # when another process holds the spool's write lock, nothing more can be persisted
+        lock = _spool_write_lock(tmp_path / "spool")
+        try:
+            stalled = notify.wait_for(_status_with("a spool write has been in progress", ready), 30, "spool stall",
+                                      d.proc)
+            # then the pings stop while predictions cannot be made durable
+            _no_pings_for(notify, stalled, 5, d.proc)
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        # and they resume once the disk does
+        released = time.monotonic()
+        notify.wait_for(lambda ms: any(t > released and "WATCHDOG=1" in m for t, m in ms), 20, "pings resume", d.proc)
+        assert d.stop() == 0, d.stderr[-3000:]
+    finally:
+        d.close()
+
+
 def test_a_stalled_publisher_stops_the_pings(tmp_path, mosquitto, line_model, rtsp_server, synth_video, notify):
     # given an RTSP camera and a broker answering slowly enough to leave acks in flight
     cam = {"name": "rtsp", "source": rtsp_server.url, "roi": list(synth_video.roi), "read_timeout_s": 2,
@@ -342,7 +369,7 @@ def test_a_stalled_publisher_stops_the_pings(tmp_path, mosquitto, line_model, rt
             stalled = notify.wait_for(_status_with("publishing stalled", ready), 30, "publishing stall", d.proc)
             _no_pings_for(notify, stalled, 5, d.proc)
             # then it is the publisher that is named, not the idle inference loop nor the timed-out camera
-            last = notify.statuses(stalled)[-1]
+            last = [s for s in notify.statuses(ready) if s.startswith("stalled")][-1]
             assert "inference" not in last and "capture" not in last, last
         finally:
             lock.execute("ROLLBACK")

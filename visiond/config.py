@@ -7,9 +7,11 @@ key path, the value and what was expected.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 _PLACEHOLDER = re.compile(r"\$\{(VISIOND_[A-Z0-9_]+)(?::-([^}]*))?\}")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+MAX_CONFIG_BYTES = 1024 * 1024  # a config is a page of YAML; more is a mistake or an attack
+MAX_CONFIG_VALUES = 100_000  # after alias expansion: stops a "billion laughs" before it is walked
 
 
 class ConfigError(Exception):
@@ -242,13 +246,32 @@ def _shown(value: Any, loc: tuple) -> str:
 
 def redact_url(text: str) -> str:
     """Hide the password of any user:password@ in a URL (logs, metrics, status)."""
-    return re.sub(r"(://[^:/@\s]+):[^@/\s]*@", r"\1:***@", text)
+    # up to the last @ of the authority: an unencoded `p@ss` must not leave `ss` showing
+    return re.sub(r"(://[^:/@\s]+):[^/\s]*@", r"\1:***@", text)
+
+
+def _values_exceed(raw: Any, limit: int) -> bool:
+    """Count values the way `_expand` visits them (aliases count each time), stopping at the limit."""
+    stack, seen = [raw], 0
+    while stack:
+        value = stack.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
 
 
 def parse_config(raw: Any, env: dict[str, str] | None = None, source: str = "config") -> Config:
     env = dict(os.environ) if env is None else env
     if not isinstance(raw, dict):
         raise ConfigError([f"{source}: expected a YAML mapping at the top level, got {type(raw).__name__}"])
+    if _values_exceed(raw, MAX_CONFIG_VALUES):
+        raise ConfigError([f"{source}: more than {MAX_CONFIG_VALUES} values once YAML aliases are expanded "
+                           "(an alias bomb?); expected a config of ordinary size"])
     errors: list[str] = []
     expanded = _expand(raw, "", env, errors)
     try:
@@ -259,7 +282,8 @@ def parse_config(raw: Any, env: dict[str, str] | None = None, source: str = "con
             if e["type"] == "missing":
                 errors.append(f"{loc}: required key is missing")
             elif e["type"] == "extra_forbidden":
-                errors.append(f"{loc}: unknown key (value {_shown(e.get('input'), e['loc'])}); check the spelling")
+                # no value shown: a misspelt `pasword:` must not print the password
+                errors.append(f"{loc}: unknown key; check the spelling")
             else:
                 msg = e["msg"].removeprefix("Value error, ")
                 errors.append(f"{loc}: got {_shown(e.get('input'), e['loc'])}, expected: {msg}")
@@ -272,6 +296,13 @@ def parse_config(raw: Any, env: dict[str, str] | None = None, source: str = "con
 def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
     p = Path(path)
     try:
+        st = p.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory")
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
+            raise ConfigError([f"{p}: not a regular file; expected a YAML config file"])
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError([f"{p}: {st.st_size} bytes; expected a config file of at most {MAX_CONFIG_BYTES} bytes"])
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{p}: config file not found"]) from None
@@ -284,6 +315,8 @@ def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError([f"{p}:{where}: invalid YAML ({problem})"]) from None
+    except RecursionError:
+        raise ConfigError([f"{p}: invalid YAML (nested too deeply); expected a config of ordinary shape"]) from None
     return parse_config(raw, env=env, source=str(p))
 
 

@@ -292,6 +292,9 @@ class Daemon:
         except (ValueError, UnicodeDecodeError) as exc:
             self._cmd_error(verb, f"payload is not JSON ({exc.__class__.__name__}); expected a JSON object")
             return
+        except RecursionError:
+            self._cmd_error(verb, "payload is JSON nested too deeply; expected a flat JSON object")
+            return
         if not isinstance(body, dict):
             self._cmd_error(verb, f"payload is {type(body).__name__}; expected a JSON object")
             return
@@ -368,6 +371,7 @@ class Daemon:
                 old.stop(final_report=final_report)
 
     def _cmd_error(self, verb: str, why: str) -> None:
-        msg = f"cmd/{verb[:64]}: {why}"
+        shown = "".join(c if c.isprintable() else "?" for c in verb[:64])  # a topic may carry a newline
+        msg = f"cmd/{shown}: {why}"
         log.error("%s", msg)
         self.mqtt.set_detail({"last_error": msg, "last_error_at": time.time()})

@@ -9,7 +9,9 @@ What counts as progress:
   exceeds it: a hung disk under the spool, a wedged device);
 - publishing: the MQTT thread is alive and its loop turned within
   PUBLISH_STALL_S (CONNECT_STALL_S while it is not connected: DNS, TCP connect
-  and TLS handshake block the thread by design, each with its own timeout);
+  and TLS handshake block the thread by design, each with its own timeout),
+  and no spool write (the writer thread's fsync'd commit) is older than
+  PUBLISH_STALL_S: nothing is persisted while it hangs;
 - capture: no camera's thread sits inside one open or read far past the
   timeout it was given. FFmpeg and V4L2 honour their timeouts, so a dead or
   stalled camera times out, reconnects with backoff and keeps the pings going
@@ -62,6 +64,9 @@ def stalls(worker, mqtt, sources: Sequence[_Source], now: float | None = None) -
     silent = now - mqtt.last_loop
     if silent > limit:
         found.append(f"publishing stalled: the MQTT loop has not turned for {silent:.0f} s")
+    started = mqtt.spool_write_started
+    if started and now - started > PUBLISH_STALL_S:
+        found.append(f"publishing stalled: a spool write has been in progress for {now - started:.0f} s")
     for s in sources:
         blocked = s.blocked(now)
         if blocked is not None and blocked[1] > blocked[2] + CAPTURE_GRACE_S:

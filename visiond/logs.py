@@ -20,7 +20,7 @@ class _JsonFormatter(logging.Formatter):
             "msg": redact_url(record.getMessage()),
         }
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = redact_url(self.formatException(record.exc_info))
         return json.dumps(out, ensure_ascii=False)
 
 

@@ -169,24 +169,34 @@ def _header_pixels(path: Path) -> int | None:
         return None
 
 
-def load_image(path: Path) -> tuple[np.ndarray | None, str, str]:
-    """(BGR uint8 image, "", "") or (None, drop reason, why) for a file that must be skipped."""
+def image_file_problem(path: Path) -> tuple[str, str] | None:
+    """(drop reason, why) for an image file that must not be decoded, else None; reads header and tail only."""
     try:
         size = path.stat().st_size
         if size == 0:
-            return None, "decode_error", "empty file"
+            return "decode_error", "empty file"
         if size > MAX_IMAGE_BYTES:
-            return None, "too_large", f"{size} bytes, over the limit of {MAX_IMAGE_BYTES}"
+            return "too_large", f"{size} bytes, over the limit of {MAX_IMAGE_BYTES}"
         pixels = _header_pixels(path)
         if pixels is not None and pixels > MAX_IMAGE_PIXELS:
-            return None, "too_large", f"{pixels} pixels, over the limit of {MAX_IMAGE_PIXELS}"
-        data = np.fromfile(path, dtype=np.uint8)
+            return "too_large", f"{pixels} pixels, over the limit of {MAX_IMAGE_PIXELS}"
+        with open(path, "rb") as f:
+            if f.read(2) == b"\xff\xd8":
+                f.seek(max(0, size - 1024))
+                if not f.read().rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
+                    # libjpeg would hand back a grey-filled partial picture: never classify half a part
+                    return "decode_error", "truncated JPEG (no end-of-image marker)"
     except OSError as exc:
-        return None, "decode_error", f"cannot read ({exc.strerror or exc.__class__.__name__})"
-    if data[:2].tobytes() == b"\xff\xd8" and not data.tobytes().rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
-        # libjpeg would hand back a grey-filled partial picture: never classify half a part
-        return None, "decode_error", "truncated JPEG (no end-of-image marker)"
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        return "decode_error", f"cannot read ({exc.strerror or exc.__class__.__name__})"
+    return None
+
+
+def load_image(path: Path) -> tuple[np.ndarray | None, str, str]:
+    """(BGR uint8 image, "", "") or (None, drop reason, why) for a file that must be skipped."""
+    problem = image_file_problem(path)
+    if problem is not None:
+        return None, *problem
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
         return None, "decode_error", "not a decodable image"
     return image, "", ""

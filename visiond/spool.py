@@ -242,6 +242,7 @@ class SpoolWriter:
         self._cond = threading.Condition()
         self._stopping = False
         self._busy = False
+        self.busy_since = 0.0  # monotonic start of the write in progress, 0.0 when idle (daemon liveness)
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
 
     def start(self) -> None:
@@ -285,6 +286,7 @@ class SpoolWriter:
                     return
                 items, self._pending = self._pending, []
                 self._busy = True
+                self.busy_since = time.monotonic()
                 self._cond.notify_all()
             try:
                 self._spool.append(items)
@@ -296,4 +298,5 @@ class SpoolWriter:
             finally:
                 with self._cond:
                     self._busy = False
+                    self.busy_since = 0.0
                     self._cond.notify_all()

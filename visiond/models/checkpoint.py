@@ -30,6 +30,7 @@ from visiond.preprocess import PreprocessSpec
 
 FORMAT = "visiond.checkpoint/1"
 _MAX_HEADER = 100 * 1024 * 1024
+MAX_CLASSES = 10_000
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,21 @@ class Checkpoint:
 
     def build(self) -> nn.Module:
         """The network with these weights, in eval mode."""
+        try:
+            with torch.device("meta"):  # shapes only: a hostile class count or argument allocates nothing
+                wanted = build_model(self.arch, len(self.classes), **self.arch_args).state_dict()
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"architecture {self.arch!r} refuses arguments {_brief(self.arch_args)}: "
+                                  f"{str(exc).splitlines()[0][:160]}") from None
+        wrong = [(k, list(v.shape), list(wanted[k].shape)) for k, v in self.state_dict.items()
+                 if k in wanted and v.shape != wanted[k].shape]
+        if wrong:  # torch would raise a many-line RuntimeError; say it in one
+            name, got, expected = wrong[0]
+            raise CheckpointError(
+                f"weights do not fit architecture {self.arch!r} with {len(self.classes)} classes "
+                f"({len(wrong)} tensor(s) of the wrong shape, e.g. {name}: {got} in the file, {expected} expected; "
+                f"class list and weights disagree?)"
+            )
         model = build_model(self.arch, len(self.classes), **self.arch_args)
         missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
         if missing or unexpected:
@@ -58,6 +74,11 @@ class Checkpoint:
                 f"(missing {len(missing)} tensors e.g. {missing[:2]}, unexpected {len(unexpected)} e.g. {unexpected[:2]})"
             )
         return model.eval()
+
+
+def _brief(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _header_json(ckpt_fields: dict) -> str:
@@ -149,8 +170,15 @@ def read_header(path: str | Path) -> dict:
         (n,) = struct.unpack("<Q", f.read(8))
         try:
             header = json.loads(f.read(n))
-            return json.loads(header["__metadata__"]["visiond"])
-        except (ValueError, KeyError, TypeError) as exc:
+            need = 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            size = path.stat().st_size
+            if need > size:
+                raise CheckpointError(f"{path}: truncated (its tensors need {need} bytes, the file has {size})")
+            fields = json.loads(header["__metadata__"]["visiond"])
+            if not isinstance(fields, dict):
+                raise TypeError(f"metadata is a JSON {type(fields).__name__}, not an object")
+            return fields
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as exc:
             raise CheckpointError(f"{path}: safetensors file without visiond metadata ({exc.__class__.__name__}); "
                                   "expected a checkpoint written by visiond") from None
 
@@ -173,6 +201,9 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
     ckpt = _from_fields(fields, tensors, where=str(path))
     if verify and _content_hash(fields, tensors) != ckpt.version:
         raise CheckpointError(f"{path}: content hash mismatch (file altered or corrupt); expected version {ckpt.version}")
+    for name, t in tensors.items():  # NaN weights would publish NaN scores: invalid JSON downstream
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values; expected finite weights")
     return ckpt
 
 
@@ -184,6 +215,9 @@ def _from_fields(fields: dict, tensors: dict, where: str = "checkpoint") -> Chec
         classes = tuple(str(c) for c in fields["classes"])
         if len(classes) < 2 or len(set(classes)) != len(classes):
             raise CheckpointError(f"{where}: classes {list(classes)[:10]}: expected at least 2 distinct names")
+        if len(classes) > MAX_CLASSES or not all(0 < len(c) <= 128 and c.isprintable() for c in classes):
+            raise CheckpointError(f"{where}: {len(classes)} classes {_brief(list(classes[:5]))}...: expected at most "
+                                  f"{MAX_CLASSES} printable names of 1..128 characters (they become labels and topics)")
         return Checkpoint(
             name=str(fields.get("name") or "model"),
             arch=arch,

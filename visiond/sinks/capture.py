@@ -32,6 +32,7 @@ from visiond.metrics import Metrics
 log = logging.getLogger(__name__)
 
 MAX_COMMAND_COUNT = 1000
+DEDUPE_WINDOW = 1024  # recent hashes per camera (a 64-bit XOR + popcount each, in the writer thread)
 _LOG_EVERY_S = 30.0
 _RESYNC_EVERY_S = 60.0
 _ERRNO_REASONS = {errno.ENOSPC: "disk_full", errno.EDQUOT: "disk_full", errno.EIO: "io_error",
@@ -102,7 +103,8 @@ class CaptureSink:
             self._sources[cam.name] = redact_url(str(cam.source))
         now = time.monotonic()
         self._buckets = {name: _Bucket(r.max_per_minute, now) for name, r in self._rules.items()}
-        self._dedupe = {name: ph.NearDuplicateFilter(r.dedupe_bits) for name, r in self._rules.items()}
+        # a line repeats itself: remember enough recent captures to recognise the next pass of the same part
+        self._dedupe = {name: ph.NearDuplicateFilter(r.dedupe_bits, window=DEDUPE_WINDOW) for name, r in self._rules.items()}
         self._pending: dict[str, int] = {}
         self._pending_lock = threading.Lock()
         self._queue: queue.Queue[CaptureJob | None] = queue.Queue(cfg.queue_size)

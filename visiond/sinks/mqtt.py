@@ -277,6 +277,11 @@ class MqttSink:
         return self._thread.is_alive() and self._writer.alive()
 
     @property
+    def spool_write_started(self) -> float:
+        """Monotonic start of the spool write in progress (0.0 when none): a hung disk shows here."""
+        return self._writer.busy_since
+
+    @property
     def error(self) -> BaseException | None:
         """The exception that killed the MQTT thread, if one did."""
         return self._error

@@ -133,6 +133,8 @@ class ShadowRunner:
             try:
                 batch = self._queue.get(timeout=min(wait, 0.5))
             except queue.Empty:
+                if self._stop.is_set():
+                    return  # stopping, and nothing is queued any more
                 batch = []
             if batch is None:
                 while True:  # stop: finish what is queued

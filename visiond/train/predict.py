@@ -17,6 +17,7 @@ from visiond.data.manifest import IMAGE_EXTS
 from visiond.errors import UserError
 from visiond.models.runtime import TorchClassifier
 from visiond.preprocess import resize_uint8
+from visiond.sources import image_file_problem
 
 
 def expand_paths(patterns: list[str]) -> list[Path]:
@@ -38,15 +39,18 @@ def expand_paths(patterns: list[str]) -> list[Path]:
     return list(found)
 
 
-def load_resized(path: Path, spec) -> np.ndarray | None:
-    """The model input for one file, or None when it is not a readable image."""
+def load_resized(path: Path, spec) -> np.ndarray | str:
+    """The model input for one file, or why it is not a readable image (one line)."""
+    problem = image_file_problem(path)  # empty, truncated, or a decompression bomb: never decoded
+    if problem is not None:
+        return problem[1]
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
-        return None
+        return "unreadable image"
     try:
         return resize_uint8(img, spec)
-    except (ValueError, cv2.error):
-        return None
+    except (ValueError, cv2.error) as exc:
+        return f"unusable image ({str(exc).splitlines()[0][:120]})"
 
 
 def predict_paths(checkpoint: str | Path, patterns: list[str], *, top_k: int = 3, device: str = "cpu",
@@ -60,8 +64,8 @@ def predict_paths(checkpoint: str | Path, patterns: list[str], *, top_k: int = 3
         chunk, pixels, rows = paths[start:start + batch_size], [], []
         for p in chunk:
             img = load_resized(p, clf.spec)
-            if img is None:
-                rows.append({"path": str(p), "error": "unreadable image"})
+            if isinstance(img, str):
+                rows.append({"path": str(p), "error": img})
             else:
                 pixels.append(img)
                 rows.append({"path": str(p)})
