@@ -7,13 +7,12 @@ import json
 import logging
 import time
 from collections import Counter
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from daemon_helpers import Daemon, metric_value, trained_line_model
+from daemon_helpers import Daemon, metric_value, schema_validator, trained_line_model
 from loop_helpers import epoch as _epoch, frame_truth, line_cfg, pixel_hash, publish, visiond, wait_until
 from visiond.config import CameraConfig, CaptureConfig, CaptureRules
 from visiond.data import phash as ph
@@ -50,6 +49,7 @@ def test_inbox_item_has_image_and_sidecar_and_accept_moves_it_into_the_dataset(t
     item = write_inbox_item(tmp_path, _img(1), _meta())
     # then the image and its sidecar are there, the sidecar says everything, the password is not in it
     side = json.loads(item.sidecar_path.read_text())
+    schema_validator("inbox.schema.json").validate(side)
     assert item.image_path.read_bytes()[:4] == b"\x89PNG"
     assert side["id"] == item.id and side["camera"] == "line1" and side["rule"] == "low_score"
     assert side["captured_at"] == "2023-11-14T22:13:20.250000Z"
@@ -170,7 +170,24 @@ def test_capture_a_burst_and_one_frame_per_line_on_stdin(tmp_path, synth_video):
     assert r.returncode == 0, r.stderr
     items = list_inbox(tmp_path / "b")
     assert len(items) == 3 and {i.rule for i in items} == {"stdin"}
+    assert [truth[pixel_hash(cv2.imread(str(i.image_path)))] for i in items] == [0, 1, 2]  # a file waits for Enter
     assert "standard input closed" in r.stdout
+
+
+def test_capture_can_store_a_models_guess_for_pre_labelling(tmp_path, synth_video, line_model):
+    roi = ",".join(map(str, synth_video.roi))
+    r = visiond("dataset", "capture", str(synth_video.path), str(tmp_path / "ds"), "--every-frames", "50",
+                "--roi", roi, "--checkpoint", str(line_model), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    items = list_inbox(tmp_path / "ds")
+    assert len(items) == 6
+    from visiond.models.checkpoint import load_checkpoint
+
+    version = load_checkpoint(line_model).version
+    for item in items:
+        p = item.prediction
+        assert p["model"]["version"] == version and p["label"] in ("empty", "ok", "scratch", "spot")
+        assert p["top"][0] == {"label": p["label"], "score": p["score"]} and len(p["top"]) == 3
 
 
 def test_capture_skips_near_duplicates(tmp_path):
@@ -283,9 +300,10 @@ def test_a_slow_disk_never_slows_submit_and_drops_are_counted(tmp_path):
     rules = CaptureRules(low_score_below=1.0, max_per_minute=60000, dedupe_bits=-1)
     sink, metrics = _sink(tmp_path, rules, writer=slow, queue_size=4)
     # when 200 frames all match a rule, in batches of 8
+    batches = [[_pred(i, score=0.5) for i in range(start, start + 8)] for start in range(0, 200, 8)]
     t0 = time.perf_counter()
-    for start in range(0, 200, 8):
-        sink.submit([_pred(i, score=0.5) for i in range(start, start + 8)])
+    for batch in batches:
+        sink.submit(batch)
     elapsed = time.perf_counter() - t0
     # then submitting took far less than one write, and what did not fit was dropped and counted
     assert elapsed < 0.25, elapsed
@@ -357,6 +375,9 @@ def test_daemon_captures_unsure_frames_with_the_models_guess_and_on_command(tmp_
     preds = {p["seq"]: p for p in rec.json_payloads("/prediction")}
     low = [i for i in list_inbox(ds) if i.rule == "low_score"]
     assert len(low) >= 10
+    check = schema_validator("inbox.schema.json")
+    for item in list_inbox(ds):
+        check.validate(json.loads(item.sidecar_path.read_text()))
     checked = 0
     for item in low:
         frame = truth[pixel_hash(cv2.imread(str(item.image_path)))]

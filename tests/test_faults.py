@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -109,13 +110,19 @@ def _finish(d: Daemon, rec: SeqRecorder, spool: Path):
     """SIGTERM (which drains), then what the subscriber got of everything the node produced."""
     assert d.stop() == 0, d.stderr[-3000:]
     produced, spooled = spool_state(spool)
-    try:
-        rec.wait_for(lambda r: set(range(1, produced + 1)) <= set(r.seqs()) | spooled, 20, "every seq delivered")
+    try:  # delivery is in seq order: once the last one is in, all that will come has come
+        rec.wait_for(lambda r: not produced or produced in spooled or produced in r.seqs(), 20, "the last seq")
     except TimeoutError:
         pass  # the accounting below names what is missing
     delivery = account(rec.records(), produced, spooled)
     print(f"\n{delivery}")
     return delivery
+
+
+def _whole(delivery, missing_ok: bool = False) -> bool:
+    """Nothing missing, no seq handed out twice, first arrivals in seq order, nothing left in the spool."""
+    return (missing_ok or not delivery.missing) and not delivery.reused and not delivery.out_of_order \
+        and delivery.spooled == 0
 
 
 # ---------------------------------------------------------------- 1. no prediction lost while the broker is away
@@ -141,7 +148,7 @@ def test_broker_cut_three_times_loses_no_prediction(tmp_path, mosquitto, recorde
     # then every seq arrived (duplicates are allowed: at-least-once), and no seq was handed out twice
     delivery = _finish(d, recorder, tmp_path / "spool")
     assert delivery.produced >= 30 * (3 * OUTAGE_S + 1)
-    assert not delivery.missing and not delivery.reused and delivery.spooled == 0, delivery
+    assert _whole(delivery), delivery
 
 
 def test_killed_broker_loses_at_most_what_it_had_acked(tmp_path, mosquitto, recorder, proxy, line_model,
@@ -170,7 +177,7 @@ def test_killed_broker_loses_at_most_what_it_had_acked(tmp_path, mosquitto, reco
     print(f"killed broker lost {len(lost)} acknowledged prediction(s): {lost}")
     assert len(lost) <= MAX_INFLIGHT, delivery
     assert all(seen_at_kill - MAX_INFLIGHT < s <= seen_at_kill + MAX_INFLIGHT for s in lost), (seen_at_kill, delivery)
-    assert not delivery.reused and delivery.spooled == 0, delivery
+    assert _whole(delivery, missing_ok=True), delivery
 
 
 # ---------------------------------------------------------------- 2. it survives its own crash while offline
@@ -201,7 +208,7 @@ def test_sigkill_while_offline_then_restart_delivers_every_spooled_prediction(tm
     delivery = _finish(second, recorder, spool)
     assert set(range(1, killed_last + 1)) <= set(recorder.seqs())
     assert delivery.produced >= killed_last + 30
-    assert not delivery.missing and not delivery.reused and delivery.spooled == 0, delivery
+    assert _whole(delivery), delivery
 
 
 # ---------------------------------------------------------------- 3. it starts without a broker
@@ -225,7 +232,7 @@ def test_starts_without_a_broker_spools_and_drains_when_it_appears(tmp_path, mos
     took = _until(d, _drained(d), 60, "drained")
     print(f"\ndrained {took:.1f} s after the broker appeared")
     delivery = _finish(d, recorder, tmp_path / "spool")
-    assert not delivery.missing and not delivery.reused and delivery.spooled == 0, delivery
+    assert _whole(delivery), delivery
 
 
 # ---------------------------------------------------------------- 4. a frozen broker is noticed
@@ -249,7 +256,7 @@ def test_frozen_broker_is_noticed_within_one_and_a_half_keepalives(tmp_path, mos
     # and after SIGCONT it reconnects and the spool drains, nothing lost
     _until(d, _drained(d), 60, "drained after SIGCONT")
     delivery = _finish(d, recorder, tmp_path / "spool")
-    assert not delivery.missing and not delivery.reused and delivery.spooled == 0, delivery
+    assert _whole(delivery), delivery
 
 
 # ---------------------------------------------------------------- 5. bounded memory and spool
@@ -261,22 +268,22 @@ def test_spool_stops_at_its_bound_counts_drops_and_memory_stays_flat(tmp_path, m
     proxy.refuse()
     spool = tmp_path / "spool"
     d = daemons(tmp_path / "run", _cfg(line_model, proxy.port, [_file_cam(synth_video, fps=0)], spool, spool_max=200))
-    # when the spool has overflowed and predictions keep coming
-    _until(d, lambda: (_metric(d, "visiond_spool_dropped_total") or 0) > 0, 120, "first drop")
+    # when the spool has overflowed (and caches have warmed up) and predictions keep coming
+    _until(d, lambda: (_metric(d, "visiond_spool_dropped_total") or 0) >= 1000, 120, "1000 drops")
     samples = []
     for _ in range(20):
         time.sleep(0.5)
         samples.append((_metric(d, "visiond_spool_messages"), _metric(d, "visiond_spool_dropped_total"),
                         proc_sample(d.proc.pid).rss_kb))
     spool_counts, dropped, rss = zip(*samples)
+    early, late = statistics.median(rss[:6]), statistics.median(rss[-6:])
     print(f"\nspool {spool_counts[-1]:.0f}, dropped {dropped[0]:.0f} -> {dropped[-1]:.0f}, "
-          f"RSS {rss[0] / 1024:.1f} -> {rss[-1] / 1024:.1f} MiB (max {max(rss) / 1024:.1f})")
+          f"RSS median {early / 1024:.1f} -> {late / 1024:.1f} MiB (range {min(rss) / 1024:.1f}-{max(rss) / 1024:.1f})")
     # then the spool sits at its bound, the overflow is counted and logged
     assert max(spool_counts) <= 200 and spool_counts[-1] == 200
     assert dropped[-1] > dropped[0] + 100
     assert "spool full (200 messages): dropped the" in d.stderr
-    # and memory stays flat (allocator noise aside)
-    early, late = min(rss[:4]), max(rss[-4:])
+    # and memory stays flat (medians: the allocator moves RSS by +-10 MiB from one sample to the next)
     assert late - early < 16 * 1024, f"RSS grew {early} -> {late} kB"
     # when the broker is back, then what arrives plus what was counted as dropped is everything
     proxy.pass_()
@@ -286,7 +293,7 @@ def test_spool_stops_at_its_bound_counts_drops_and_memory_stays_flat(tmp_path, m
     events, _ = spool_state(spool, "event")
     print(f"dropped_total {total_dropped:.0f}, of which {len(delivery.missing)} predictions and the rest events")
     assert len(delivery.missing) <= total_dropped <= len(delivery.missing) + events, delivery
-    assert not delivery.reused and delivery.spooled == 0, delivery
+    assert _whole(delivery, missing_ok=True), delivery
 
 
 # ---------------------------------------------------------------- 6. a stalled camera is noticed

@@ -426,7 +426,7 @@ def _crash_publisher(daemon) -> None:
     ("capture", _crash_camera, "camera line1: capture thread died (RuntimeError: driver fault)"),
     ("inference", _crash_inference, "inference thread died (RuntimeError: CUDA error"),
     ("publishing", _crash_publisher, "MQTT thread died (ProgrammingError"),
-])
+], ids=["capture", "inference", "publishing"])
 def test_a_stage_thread_that_dies_takes_the_daemon_down_with_exit_1(stage, break_it, named, tmp_path, mosquitto,
                                                                       line_model, synth_video, caplog):
     # given a daemon on a looping camera, one of whose stage threads is killed by an exception

@@ -42,7 +42,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 WAIT_MS = 30_000
 _ANY = re.compile(r".+")  # "has the attribute, whatever its value"
 FPS = 60                 # the looping 300-frame video: one pass every 5 s
-SPOTS_TO_LABEL = 25      # distinct spot frames the operator labels before retraining
+SPOTS_TO_LABEL = 25      # distinct spot frames in the inbox before the operator starts labelling
+SINGLE_MODE = 5          # images labelled one by one (key, Enter) before the rest go in grid mode
 PASSES_AFTER_SWAP = 2    # measured on this many whole passes of the line after the switch
 
 
@@ -85,33 +86,48 @@ def label_page(dataset: Path, tmp_path: Path):
 
 
 def label_in_the_page(page, dataset: Path, truth_of) -> Counter:
-    """The operator: add class "spot", then for each image press its class's number key and Enter."""
+    """The operator labels the whole inbox: adds class "spot", labels the first images one by one
+    (number key, Enter), then the rest in grid mode (click every image of a class, press its key)."""
     from playwright.sync_api import expect
 
     image = page.locator("#image")
-    expect(page.locator("#progress")).to_contain_text("labelled")
+    total = len(list_inbox(dataset))
+    expect(page.locator("#progress")).to_have_text(f"0 / {total} labelled, {total} left")
     page.fill("#new-class", "spot")
     page.press("#new-class", "Enter")
     expect(page.locator('button.cls[data-class="spot"]')).to_be_visible()
-    page.evaluate("document.activeElement && document.activeElement.blur()")
     classes = page.locator("button.cls").evaluate_all("els => els.map(e => e.dataset.class)")
     assert set(classes) >= set(synthline.CLASSES), classes
     done: Counter = Counter()
-    distinct_spots: set[str] = set()
-    deadline = time.monotonic() + 240
-    while len(distinct_spots) < SPOTS_TO_LABEL and time.monotonic() < deadline:
+
+    def truth_of_item(item_id: str) -> str:
+        return truth_of(pixel_hash(cv2.imread(str(dataset / "inbox" / f"{item_id}.png"))))
+
+    for _ in range(min(SINGLE_MODE, total)):
         expect(image).to_have_attribute("data-id", _ANY)
         current = image.get_attribute("data-id")
-        pixels = cv2.imread(str(dataset / "inbox" / f"{current}.png"))
-        label = truth_of(pixel_hash(pixels))
+        label = truth_of_item(current)
         page.keyboard.press(str(classes.index(label) + 1))
         expect(page.locator("button.cls.selected")).to_have_attribute("data-class", label)
         page.keyboard.press("Enter")
         page.wait_for_function("id => document.getElementById('image').dataset.id !== id", arg=current)
         done[label] += 1
-        if label == "spot":
-            distinct_spots.add(pixel_hash(pixels))
-    assert len(distinct_spots) >= SPOTS_TO_LABEL, f"labelled {done}; the inbox ran dry of spots"
+    page.keyboard.press("g")
+    expect(page.locator("#mode")).to_have_text("grid")
+    thumbs = page.locator("#thumbs figure.thumb")
+    ids = thumbs.evaluate_all("els => els.map(e => e.dataset.id)")
+    by_class: dict[str, list[str]] = {}
+    for item_id in ids:
+        by_class.setdefault(truth_of_item(item_id), []).append(item_id)
+    for label, members in by_class.items():
+        for item_id in members:
+            page.click(f'#thumbs figure.thumb[data-id="{item_id}"]')
+        expect(page.locator("#grid-count")).to_contain_text(f"{len(members)} selected")
+        page.keyboard.press(str(classes.index(label) + 1))
+        expect(page.locator(f'#thumbs figure.thumb[data-id="{members[0]}"]')).to_have_count(0)
+        done[label] += len(members)
+    labelled = sum(done.values())
+    expect(page.locator("#progress")).to_contain_text(f"{labelled} / ")
     return done
 
 
@@ -145,6 +161,8 @@ def test_the_line_learns_a_new_defect_without_a_restart(tmp_path, mosquitto, mqt
         # when the line has run a while, unsure frames (spots among them) are waiting in the inbox
         wait_until(lambda: len({h for h in map(pixel_hash, (cv2.imread(str(i.image_path)) for i in list_inbox(ds)))
                                 if truth_of(h) == "spot"}) >= SPOTS_TO_LABEL, 180, f"{SPOTS_TO_LABEL} spots in the inbox")
+        rec.wait_for(lambda ms: sum(m.topic.endswith("/prediction") for m in ms) >= len(truth) + 30, 120)
+        wait_until(_settled(ds), 60, "the inbox to stop growing (later passes are near-duplicates)")
         timings["captured"] = time.monotonic() - t_start
         assert all(i.prediction and i.prediction["model"]["version"] == old.version and i.prediction["score"] < 0.9
                    for i in list_inbox(ds))
@@ -157,7 +175,7 @@ def test_the_line_learns_a_new_defect_without_a_restart(tmp_path, mosquitto, mqt
         # and the model is fine-tuned from the served one on the grown dataset
         new_ckpt = tmp_path / "candidate" / "model.ckpt"
         r = visiond("train", str(ds), "--init-from", str(serve / "model.ckpt"), "--out", str(new_ckpt),
-                    "--epochs", "8", "--augment", "line", "--class-weights", "loss", "--no-progress")
+                    "--epochs", "15", "--augment", "none", "--class-weights", "loss", "--no-progress")
         assert r.returncode == 0, r.stderr[-3000:]
         new = load_checkpoint(new_ckpt)
         assert new.classes == ("empty", "ok", "scratch", "spot")
@@ -170,7 +188,8 @@ def test_the_line_learns_a_new_defect_without_a_restart(tmp_path, mosquitto, mqt
         assert r.returncode == 0, r.stderr[-3000:]
         report = json.loads((tmp_path / "compare" / "compare.json").read_text())
         assert report["per_class"]["spot"]["old"]["recall"] == 0.0
-        assert report["per_class"]["spot"]["new"]["recall"] >= 0.5, r.stdout
+        held_out_spot = report["per_class"]["spot"]["new"]["recall"]
+        assert held_out_spot >= 0.5, r.stdout
         assert report["new"]["macro_f1"] > report["old"]["macro_f1"], r.stdout
         # and promoted to where the running daemon watches
         before_promote = max(p["seq"] for p in rec.json_payloads("/prediction"))
@@ -213,7 +232,8 @@ def test_the_line_learns_a_new_defect_without_a_restart(tmp_path, mosquitto, mqt
     assert spot_before == 0.0
     assert spot_after >= 0.8, Counter((truth[(p["seq"] - 1) % len(truth)], p["label"]) for p in after)
     assert acc_after > acc_before
-    print(f"\nloop e2e: labelled {dict(labelled)}; spot recall on the line {spot_before:.2f} -> {spot_after:.2f}, "
+    print(f"\nloop e2e: labelled {dict(labelled)}; held-out spot recall {held_out_spot:.2f}; "
+          f"spot recall on the line {spot_before:.2f} -> {spot_after:.2f}, "
           f"accuracy {acc_before:.3f} -> {acc_after:.3f}; timings (s from start) "
           + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
 
@@ -223,3 +243,16 @@ def _images_without_spot(synth_images: Path, tmp_path: Path) -> Path:
     from loop_helpers import without_class
 
     return without_class(synth_images, tmp_path / "images_no_spot", "spot")
+
+
+def _settled(ds: Path):
+    """A predicate: true once the inbox count has not changed for 3 s."""
+    seen = {"n": -1, "since": time.monotonic()}
+
+    def check() -> bool:
+        n = len(list_inbox(ds))
+        if n != seen["n"]:
+            seen["n"], seen["since"] = n, time.monotonic()
+        return time.monotonic() - seen["since"] >= 3
+
+    return check

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 from collections import Counter
 
@@ -146,7 +145,7 @@ def test_a_slow_candidate_never_delays_the_served_model():
     elapsed = time.perf_counter() - t0
     runner.stop(timeout=10)
     # then handing them over took no time, what did not fit was skipped and counted, and nothing was lost track of
-    assert elapsed < 0.1
+    assert elapsed < 0.2  # 0.2 s is one candidate batch: nothing waited for it
     assert len(published) == 1
     r = published[0]
     assert r["frames"] + r["skipped_frames"] == 200 and r["skipped_frames"] >= 180 and r["agreement"] == 1.0

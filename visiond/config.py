@@ -67,8 +67,10 @@ class CameraConfig(_Model):
     queue_size: int = Field(4, ge=1, le=10000, description="Frames held per camera between capture and the model.")
     roi: tuple[int, int, int, int] | None = Field(None, description="Crop x, y, w, h in pixels, applied before the model.")
     loop: bool = Field(False, description="Files and folders: start again at the end instead of stopping.")
-    open_timeout_s: float = Field(10.0, gt=0, le=600, description="Network streams: give up opening after this long.")
-    read_timeout_s: float = Field(5.0, gt=0, le=600, description="Network streams: a read that blocks longer is a stall.")
+    open_timeout_s: float = Field(10.0, gt=0, le=600, description="Network streams: give up opening after this long. "
+                                  "Any source: an open blocked 10 s past this is a hung driver (watchdog pings stop).")
+    read_timeout_s: float = Field(5.0, gt=0, le=600, description="Network streams: a read that blocks longer is a stall. "
+                                  "Any source: a read blocked 10 s past this is a hung driver (watchdog pings stop).")
     capture: CaptureRules | None = Field(
         None, description="This camera's capture rules; default: the top-level capture.rules.")
 

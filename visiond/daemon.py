@@ -313,8 +313,11 @@ class Daemon:
             self._cmd_error("capture", "capture is not configured (set capture.dataset)")
             return
         camera = body.get("camera")
+        if camera is not None and not isinstance(camera, str):
+            self._cmd_error("capture", f"camera {str(camera)[:64]!r}: expected a camera name or null")
+            return
         try:
-            self.capture.request(None if camera is None else str(camera), body.get("count", 1))
+            self.capture.request(camera, body.get("count", 1))
         except UserError as exc:
             self._cmd_error("capture", str(exc))
 
@@ -329,10 +332,13 @@ class Daemon:
             threading.Thread(target=self._stop_shadow, kwargs={"final_report": True}, daemon=True).start()
             self.mqtt.set_detail({"shadow": None})
             return
+        if not isinstance(path, str) or not path.strip():
+            self._cmd_error("shadow", f"checkpoint {str(path)[:64]!r}: expected a checkpoint path or null")
+            return
         allowed = {self.cfg.model.checkpoint.resolve().parent}
         if self.cfg.model.shadow is not None:
             allowed.add(self.cfg.model.shadow.resolve().parent)
-        target = Path(str(path)).expanduser()
+        target = Path(path)
         if not target.is_absolute():
             target = self.cfg.model.checkpoint.resolve().parent / target
         target = target.resolve()

@@ -20,7 +20,8 @@ def _load(path: Path):
     return cfg
 
 
-def run(config: Path = typer.Option(..., "--config", "-c", help="The daemon's YAML config.")) -> None:
+def run(config: Path = typer.Option(..., "--config", "-c", help="The daemon's YAML config.",
+                                    readable=False)) -> None:  # load_config says why in one line
     """Run the daemon: cameras -> model -> MQTT + /metrics, until SIGTERM/SIGINT or all files end."""
     cfg = _load(config)
     from visiond.logs import setup_logging
@@ -33,7 +34,7 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="The daemon's YA
 
 
 @config_app.command("check")
-def check(file: Path = typer.Argument(..., help="Config file to validate.")) -> None:
+def check(file: Path = typer.Argument(..., help="Config file to validate.", readable=False)) -> None:
     """Validate a config: every problem on one line, exit 2 if any."""
     cfg = _load(file)
     typer.echo(f"{file}: ok (node {cfg.node}, {len(cfg.cameras)} camera(s), checkpoint {cfg.model.checkpoint})")

@@ -110,10 +110,12 @@ class _Triggers:
             self._q.put(True)
         self._q.put(False)
 
-    def poll(self) -> bool:
-        """True when a line arrived since the last call (one per call)."""
+    def poll(self, block: bool = False) -> bool:
+        """True when a line arrived since the last call (one per call); `block` waits for one or for EOF."""
+        if self.closed:
+            return False
         try:
-            got = self._q.get_nowait()
+            got = self._q.get(timeout=0.5) if block else self._q.get_nowait()
         except queue.Empty:
             return False
         if not got:
@@ -167,6 +169,12 @@ def capture_frames(opts: CaptureOptions, *, stdin: TextIO | None = None,
                 report.ended = f"saved --max {opts.max_frames}"
                 break
             if triggers is not None:
+                # a file waits for the operator; a live camera keeps being read so the frame taken is fresh
+                if burst_left == 0 and kind in ("file", "folder"):
+                    while not triggers.closed and not stop.is_set() and not triggers.poll(block=True):
+                        pass
+                    if not triggers.closed:
+                        burst_left += opts.burst or 1
                 while triggers.poll():
                     burst_left += opts.burst or 1
                 if triggers.closed and burst_left == 0:

@@ -104,7 +104,8 @@ class CaptureSink:
         now = time.monotonic()
         self._buckets = {name: _Bucket(r.max_per_minute, now) for name, r in self._rules.items()}
         # a line repeats itself: remember enough recent captures to recognise the next pass of the same part
-        self._dedupe = {name: ph.NearDuplicateFilter(r.dedupe_bits, window=DEDUPE_WINDOW) for name, r in self._rules.items()}
+        self._dedupe = {name: ph.NearDuplicateFilter(r.dedupe_bits, window=DEDUPE_WINDOW)
+                        for name, r in self._rules.items()}
         self._pending: dict[str, int] = {}
         self._pending_lock = threading.Lock()
         self._queue: queue.Queue[CaptureJob | None] = queue.Queue(cfg.queue_size)

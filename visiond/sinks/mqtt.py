@@ -47,7 +47,8 @@ MAX_COMMAND_BYTES = 64 * 1024
 RESERVED_CAMERA_NAMES = frozenset({"status", "cmd"})  # would collide with the node's own topics
 
 _BACKOFF_MIN_S = 0.5
-_BACKOFF_MAX_S = 30.0
+_BACKOFF_MAX_S = 30.0  # retry of a denied publish
+_RECONNECT_MAX_S = 5.0  # a returning broker is reached within ~5 s; jitter keeps a fleet out of lockstep
 _STABLE_CONNECTION_S = 10.0  # a connection that lasted this long resets the reconnect backoff
 _OFFLINE_ACK_S = 2.0  # at stop, how long the retained `offline` may wait for its ack
 _MAX_PEEK = 512
@@ -495,7 +496,7 @@ class MqttSink:
     def _schedule_retry(self) -> None:
         """Capped exponential backoff with jitter, so a fleet doesn't reconnect in lockstep."""
         delay = self._backoff * random.uniform(0.5, 1.0)
-        self._backoff = min(self._backoff * 2, _BACKOFF_MAX_S)
+        self._backoff = min(self._backoff * 2, _RECONNECT_MAX_S)
         self._next_attempt = time.monotonic() + delay
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:

@@ -123,9 +123,10 @@ def compare_png(report: CompareReport, path: Path) -> Path:
         ax.bar(x + 0.2, new, 0.4, label=f"new {report.new['version'][:8]}", color="#2b6cb0")
         ax.set_xticks(x, labels, rotation=30, ha="right")
         ax.set_ylim(0, 1.05)
-        ax.set_title(key)
+        ax.set_title("F1" if key == "f1" else key)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(loc="lower left", fontsize=8)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper right", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(f"{report.split} split: accuracy {report.old['accuracy']:.3f} -> {report.new['accuracy']:.3f}, "
                  f"macro-F1 {report.old['macro_f1']:.3f} -> {report.new['macro_f1']:.3f}")
     return _save(fig, path)
