@@ -56,7 +56,7 @@ def dataset(tmp_path):
 @pytest.fixture
 def open_page(tmp_path):
     """open_page(dataset_dir) -> a Chromium page on a fresh server for that dataset."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]'")
+    from playwright import sync_api  # a test dependency (pyproject [test]); missing = a broken setup, not a skip
     chromium = require_binary("chromium", "chromium")
     sync_api.expect.set_options(timeout=WAIT_MS)
     errors: list[str] = []

@@ -50,7 +50,7 @@ PASSES_AFTER_SWAP = 2    # measured on this many whole passes of the line after 
 @contextlib.contextmanager
 def label_page(dataset: Path, tmp_path: Path):
     """`visiond label DATASET --port 0` as a process, and a Chromium page on it."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]'")
+    from playwright import sync_api  # a test dependency (pyproject [test]); missing = a broken setup, not a skip
     chromium = require_binary("chromium", "chromium")
     proc = subprocess.Popen([sys.executable, "-m", "visiond", "label", str(dataset), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

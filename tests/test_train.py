@@ -18,7 +18,6 @@ from shapes import CLASSES, draw_shape, make_shapes_dataset
 from visiond.data.manifest import read_manifest, write_manifest
 from visiond.data.split import split_dataset
 from visiond.errors import UserError
-from visiond.models.arch import ARCHITECTURES
 from visiond.models.checkpoint import load_checkpoint
 from visiond.preprocess import IMAGENET_MEAN
 from visiond.train import loop, recipe
@@ -136,7 +135,6 @@ def test_weights_that_need_unpickling_or_do_not_fit_are_refused(small_shapes, tm
             train(quick(small_shapes, tmp_path / "x.ckpt", arch="mobilenet_v3_small", weights=path))
 
 
-@pytest.mark.skipif("knn" not in ARCHITECTURES, reason="visiond.models.arch does not register 'knn' yet")
 def test_knn_baseline_trains_and_evaluates(shapes, tmp_path):
     # given the shapes dataset, when the knn baseline trains with the same command
     out = tmp_path / "knn.ckpt"

@@ -82,14 +82,20 @@ class _Frames:
         return cv2.VideoCapture(self.path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
 
     def read(self) -> np.ndarray:
-        ok, img = self.cap.read()
-        if not ok:
+        return self.read_stamped()[0]
+
+    def read_stamped(self) -> tuple[np.ndarray, float]:
+        """A frame and its capture time, stamped where the daemon stamps it: after grab, before retrieve."""
+        if not self.cap.grab():
             self.cap.release()
             self.cap = self._open()
-            ok, img = self.cap.read()
-            if not ok:
+            if not self.cap.grab():
                 raise UserError(f"{self.path}: no frames could be decoded")
-        return img
+        stamp = time.time()
+        ok, img = self.cap.retrieve()
+        if not ok:
+            raise UserError(f"{self.path}: a frame could not be decoded")
+        return img, stamp
 
 
 def _clock() -> tuple[float, float]:
@@ -191,8 +197,7 @@ def naive_loop(opts: BenchOptions, clf: TorchClassifier, host: str, port: int, f
         if period:
             t_next += period
             time.sleep(max(0.0, t_next - time.perf_counter()))
-        img = src.read()
-        cap_at = time.time()
+        img, cap_at = src.read_stamped()
         px = resize_uint8(img[y:y + h, x:x + w], clf.spec)[None]
         v = decider.decide(clf.predict(px))[0]
         payload = {"seq": seq, "label": v.label, "score": v.score,
