@@ -225,3 +225,11 @@ def rtsp_server_factory(tmp_path):
 def rtsp_server(rtsp_server_factory, synth_video) -> RtspServer:
     """The session's synthetic video served over RTSP on 127.0.0.1, looped forever."""
     return rtsp_server_factory(synth_video.path)
+
+
+@pytest.fixture(scope="session")
+def line_model(tmp_path_factory, synth_images) -> Path:
+    """A smallcnn trained on the synthetic line crops, shared by every daemon-level test."""
+    from daemon_helpers import trained_line_model
+
+    return trained_line_model(tmp_path_factory.getbasetemp(), synth_images)

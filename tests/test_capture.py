@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from daemon_helpers import Daemon, metric_value, schema_validator, trained_line_model
+from daemon_helpers import Daemon, metric_value, schema_validator
 from loop_helpers import epoch as _epoch, frame_truth, line_cfg, pixel_hash, publish, visiond, wait_until
 from visiond.config import CameraConfig, CaptureConfig, CaptureRules
 from visiond.data import phash as ph
@@ -23,11 +23,6 @@ from visiond.errors import UserError
 from visiond.frames import Frame, ModelRef, Prediction, Timings
 from visiond.metrics import Metrics
 from visiond.sinks.capture import CaptureSink
-
-
-@pytest.fixture(scope="session")
-def line_model(tmp_path_factory, synth_images):
-    return trained_line_model(tmp_path_factory.getbasetemp(), synth_images)
 
 
 def _img(seed: int, size: int = 32) -> np.ndarray:

@@ -9,15 +9,9 @@ import subprocess
 import time
 from collections import Counter
 
-import pytest
 
-from daemon_helpers import Daemon, metric_value, schema_validator, trained_line_model
+from daemon_helpers import Daemon, metric_value, schema_validator
 from conftest import free_port
-
-
-@pytest.fixture(scope="session")
-def line_model(tmp_path_factory, synth_images):
-    return trained_line_model(tmp_path_factory.getbasetemp(), synth_images)
 
 
 def _cfg(model, mosquitto, cameras, **extra) -> dict:

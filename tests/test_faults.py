@@ -21,18 +21,13 @@ import pytest
 import yaml
 
 from conftest import free_port, require_binary
-from daemon_helpers import Daemon, metric_value, trained_line_model
+from daemon_helpers import Daemon, metric_value
 from tools.faults import SeqRecorder, account, partial_files, proc_sample, spool_state
 from tools.tcpproxy import TcpProxy
 
 OUTAGE_S = 3.0
 KEEPALIVE_S = 2
 MAX_INFLIGHT = 64  # the config default: what a broker can hold acked-but-undelivered
-
-
-@pytest.fixture(scope="session")
-def line_model(tmp_path_factory, synth_images):
-    return trained_line_model(tmp_path_factory.getbasetemp(), synth_images)
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from safetensors.torch import load_file, save_file
 
 from conftest import Mosquitto, free_port, require_binary
-from daemon_helpers import Daemon, metric_value, trained_line_model
+from daemon_helpers import Daemon, metric_value
 from mqtt_helpers import MqttRecorder
 from visiond.config import ConfigError, check_files, load_config
 from visiond.errors import UserError
@@ -39,11 +39,6 @@ from visiond.models.checkpoint import read_header, save_checkpoint, load_checkpo
 from visiond.models.runtime import TorchClassifier
 
 SECRET = "hunter2-must-not-leak"
-
-
-@pytest.fixture(scope="session")
-def line_model(tmp_path_factory, synth_images):
-    return trained_line_model(tmp_path_factory.getbasetemp(), synth_images)
 
 
 def _one_clear_line(text: str) -> None:

@@ -9,18 +9,12 @@ import signal
 import time
 from collections import defaultdict
 
-import pytest
 
-from daemon_helpers import Daemon, metric_value, trained_line_model
+from daemon_helpers import Daemon, metric_value
 from loop_helpers import line_cfg, publish, visiond, wait_until
 from visiond.models.arch import build_model
 from visiond.models.checkpoint import load_checkpoint, save_checkpoint
 from visiond.preprocess import PreprocessSpec
-
-
-@pytest.fixture(scope="session")
-def line_model(tmp_path_factory, synth_images):
-    return trained_line_model(tmp_path_factory.getbasetemp(), synth_images)
 
 
 def resaved(src, dst, note: str):

@@ -29,15 +29,10 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, require_binary
-from daemon_helpers import Daemon, metric_value, trained_line_model
+from daemon_helpers import Daemon, metric_value
 
 WATCHDOG_USEC = 2_000_000  # pings every 1 s
 STOP_TIMEOUT_S = 20  # TimeoutStopSec of systemd/visiond.service
-
-
-@pytest.fixture(scope="session")
-def line_model(tmp_path_factory, synth_images):
-    return trained_line_model(tmp_path_factory.getbasetemp(), synth_images)
 
 
 class NotifySocket:

@@ -20,18 +20,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 
 from conftest import free_port, require_binary, wait_for_port
-from daemon_helpers import Daemon, metric_value, trained_line_model
+from daemon_helpers import Daemon, metric_value
 
 MQTT_PASSWORD = "mqtt-Pa55word-never-shown"
 CAMERA_PASSWORD = "cam-s3cret-never-shown"
-
-
-@pytest.fixture(scope="session")
-def line_model(tmp_path_factory, synth_images):
-    return trained_line_model(tmp_path_factory.getbasetemp(), synth_images)
 
 
 def make_certificates(d: Path) -> None:

@@ -10,17 +10,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from daemon_helpers import Daemon, schema_validator, trained_line_model
+from daemon_helpers import Daemon, schema_validator
 from loop_helpers import line_cfg, model_without_spot, publish, wait_until  # noqa: F401 (fixture)
 from test_hot_swap import resaved
 from visiond.frames import Frame, ModelRef, Prediction, Timings
 from visiond.metrics import Metrics
 from visiond.sinks.shadow import ShadowRunner
-
-
-@pytest.fixture(scope="session")
-def line_model(tmp_path_factory, synth_images):
-    return trained_line_model(tmp_path_factory.getbasetemp(), synth_images)
 
 
 def _reports(rec) -> list[dict]:

@@ -13,7 +13,6 @@ from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
-import pytest
 
 from visiond.config import CameraConfig
 from visiond.frames import Frame

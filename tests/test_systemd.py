@@ -16,11 +16,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 import yaml
 
 from conftest import free_port, require_binary
-from daemon_helpers import trained_line_model
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "visiond.service"
@@ -104,11 +102,6 @@ def _allowed_by_unit(analyze: str) -> set[str]:
             names |= _expand(analyze, item) if item.startswith("@") else {item}
         allowed = allowed - names if deny else allowed | names
     return allowed
-
-
-@pytest.fixture(scope="session")
-def line_model(tmp_path_factory, synth_images):
-    return trained_line_model(tmp_path_factory.getbasetemp(), synth_images)
 
 
 def test_every_system_call_visiond_makes_passes_the_units_filter(tmp_path, mosquitto, line_model):

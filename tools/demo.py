@@ -10,14 +10,12 @@ against the line's ground truth, and a /metrics summary -> stop cleanly.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path

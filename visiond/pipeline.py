@@ -13,7 +13,6 @@ import threading
 import time
 from typing import Callable, Protocol, Sequence
 
-import numpy as np
 
 from visiond.decide import Decider, DefectDebouncer
 from visiond.frames import Frame, ModelRef, Prediction, Timings

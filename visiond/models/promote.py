@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visiond.data.manifest import fsync_dir
 from visiond.errors import CheckpointError, UserError
 from visiond.models.checkpoint import Checkpoint, load_checkpoint
 
@@ -63,16 +64,6 @@ def check_config_fit(ckpt: Checkpoint, config_path: str | Path) -> None:
     Decider(ckpt.classes, cfg.decide, ckpt.thresholds)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _copy_to_temp(src: Path, directory: Path, name: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
@@ -112,7 +103,7 @@ def install_checkpoint(src: str | Path, target: str | Path, *, keep_previous: bo
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     log.info("promoted %s (version %s) to %s%s", src, new.version, target,
              f"; previous version {previous_version} kept as {previous}" if previous else "")
     return PromoteResult(target, new.version, previous, previous_version)
