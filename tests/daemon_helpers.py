@@ -32,6 +32,19 @@ def trained_line_model(base: Path, images: Path) -> Path:
     return out
 
 
+def line_cfg(checkpoint: Path, mosquitto, cameras: list[dict], defect_classes=("scratch", "spot"), **extra) -> dict:
+    """A daemon config for the synthetic line on the test's broker; dict extras are merged into defaults."""
+    cfg = {"cameras": cameras, "model": {"checkpoint": str(checkpoint), "max_batch": 8},
+           "decide": {"defect_classes": list(defect_classes)},
+           "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "keepalive_s": 5}}
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
 class Daemon:
     """`visiond run` as a child process with a config written from a dict."""
 

@@ -78,18 +78,6 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
         time.sleep(interval)
 
 
-def line_cfg(checkpoint: Path, mosquitto, cameras: list[dict], defect_classes=("scratch", "spot"), **extra) -> dict:
-    cfg = {"cameras": cameras, "model": {"checkpoint": str(checkpoint), "max_batch": 8},
-           "decide": {"defect_classes": list(defect_classes)},
-           "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "keepalive_s": 5}}
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            cfg[key] = {**cfg[key], **value}
-        else:
-            cfg[key] = value
-    return cfg
-
-
 def publish(broker, topic: str, body: dict | str | bytes, qos: int = 1) -> None:
     """One message to the test broker, as an operator's tool would send a command."""
     import json

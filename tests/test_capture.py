@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from daemon_helpers import Daemon, metric_value, schema_validator
-from loop_helpers import epoch as _epoch, frame_truth, line_cfg, pixel_hash, publish, visiond, wait_until
+from daemon_helpers import Daemon, line_cfg, metric_value, schema_validator
+from loop_helpers import epoch as _epoch, frame_truth, pixel_hash, publish, visiond, wait_until
 from visiond.config import CameraConfig, CaptureConfig, CaptureRules
 from visiond.data import phash as ph
 from visiond.data.inbox import (accept_inbox_item, discard_inbox_item, list_inbox, prediction_dict, read_inbox_item,

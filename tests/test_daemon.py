@@ -10,16 +10,8 @@ import time
 from collections import Counter
 
 
-from daemon_helpers import Daemon, metric_value, schema_validator
+from daemon_helpers import Daemon, line_cfg, metric_value, schema_validator
 from conftest import free_port
-
-
-def _cfg(model, mosquitto, cameras, **extra) -> dict:
-    cfg = {"cameras": cameras, "model": {"checkpoint": str(model), "max_batch": 8},
-           "decide": {"defect_classes": ["scratch", "spot"]},
-           "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "keepalive_s": 5}}
-    cfg.update(extra)
-    return cfg
 
 
 def test_file_source_gives_one_message_per_frame_in_order_matching_truth(tmp_path, mosquitto, mqtt_recorder,
@@ -27,7 +19,7 @@ def test_file_source_gives_one_message_per_frame_in_order_matching_truth(tmp_pat
     # given a subscriber and the daemon on a 300-frame line video
     rec = mqtt_recorder("visiond/#")
     cam = {"name": "line1", "source": str(synth_video.path), "roi": list(synth_video.roi)}
-    d = Daemon(tmp_path, _cfg(line_model, mosquitto, [cam]))
+    d = Daemon(tmp_path, line_cfg(line_model, mosquitto, [cam]))
     try:
         # when the file has been read, the daemon ends on its own
         assert d.wait(120) == 0, d.stderr[-3000:]
@@ -62,7 +54,7 @@ def test_seq_survives_a_restart(tmp_path, mosquitto, mqtt_recorder, line_model, 
         cv2.imwrite(str(frames / f"f{i}.png"), np.full((64, 64, 3), 40 * i, np.uint8))
     rec = mqtt_recorder("visiond/+/+/prediction")
     for _ in range(2):
-        d = Daemon(tmp_path, _cfg(line_model, mosquitto, [{"name": "c", "source": str(frames)}]))
+        d = Daemon(tmp_path, line_cfg(line_model, mosquitto, [{"name": "c", "source": str(frames)}]))
         try:
             assert d.wait(120) == 0, d.stderr[-2000:]
         finally:
@@ -78,7 +70,7 @@ def test_two_cameras_file_and_rtsp_both_publish_and_share_batches(tmp_path, mosq
     cams = [{"name": "file", "source": str(synth_video.path), "loop": True, "roi": list(synth_video.roi)},
             {"name": "rtsp", "source": rtsp_server.url, "roi": list(synth_video.roi)}]
     jsonl = tmp_path / "verdicts.jsonl"
-    d = Daemon(tmp_path, _cfg(line_model, mosquitto, cams, jsonl={"path": str(jsonl)}))
+    d = Daemon(tmp_path, line_cfg(line_model, mosquitto, cams, jsonl={"path": str(jsonl)}))
     try:
         # when both run for a while (the file source saturates the model: load)
         rec.wait_for(lambda ms: sum(m.topic.endswith("/rtsp/prediction") for m in ms) >= 60, 90)
@@ -103,7 +95,7 @@ def test_status_online_then_offline_on_sigterm_and_last_will_on_sigkill(tmp_path
     cam = {"name": "line1", "source": str(synth_video.path), "loop": True, "fps": 30, "roi": list(synth_video.roi)}
     # given a running daemon
     (tmp_path / "a").mkdir()
-    d = Daemon(tmp_path / "a", _cfg(line_model, mosquitto, [cam]))
+    d = Daemon(tmp_path / "a", line_cfg(line_model, mosquitto, [cam]))
     try:
         rec.wait_for(lambda ms: any(m.payload == b"online" for m in ms), 60)
         # when it gets SIGTERM, it exits 0 within a few seconds with a retained offline (not the will)
@@ -117,7 +109,7 @@ def test_status_online_then_offline_on_sigterm_and_last_will_on_sigkill(tmp_path
     # given it runs again, when it is SIGKILLed, the broker delivers the last will
     (tmp_path / "b").mkdir()
     rec2 = mqtt_recorder("visiond/testbox/status")
-    d2 = Daemon(tmp_path / "b", _cfg(line_model, mosquitto, [cam]))
+    d2 = Daemon(tmp_path / "b", line_cfg(line_model, mosquitto, [cam]))
     try:
         rec2.wait_for(lambda ms: ms and ms[-1].payload == b"online", 60)
         d2.send(signal.SIGKILL)
@@ -146,7 +138,7 @@ def test_metrics_agree_with_messages_and_pass_promtool(tmp_path, mosquitto, mqtt
     rec = mqtt_recorder("visiond/#")
     cams = [{"name": "folder", "source": str(folder), "roi": list(synth_video.roi)},
             {"name": "dead", "source": dead, "open_timeout_s": 1, "read_timeout_s": 1}]
-    d = Daemon(tmp_path, _cfg(line_model, mosquitto, cams))
+    d = Daemon(tmp_path, line_cfg(line_model, mosquitto, cams))
     try:
         d.wait_http()
         rec.wait_for(lambda ms: sum(m.topic.endswith("/folder/prediction") for m in ms) == 40, 60)
@@ -186,7 +178,7 @@ def test_metrics_agree_with_messages_and_pass_promtool(tmp_path, mosquitto, mqtt
 
 def test_healthz_is_200_when_cameras_and_broker_are_fine(tmp_path, mosquitto, line_model, synth_video):
     cam = {"name": "line1", "source": str(synth_video.path), "loop": True, "fps": 30, "roi": list(synth_video.roi)}
-    d = Daemon(tmp_path, _cfg(line_model, mosquitto, [cam]))
+    d = Daemon(tmp_path, line_cfg(line_model, mosquitto, [cam]))
     try:
         d.wait_http()
         deadline = time.monotonic() + 30
@@ -210,7 +202,7 @@ def test_healthz_is_200_when_cameras_and_broker_are_fine(tmp_path, mosquitto, li
 
 def test_missing_model_checkpoint_or_bad_decide_classes_exit_2(tmp_path, mosquitto, line_model, synth_video):
     cam = {"name": "line1", "source": str(synth_video.path)}
-    cfg = _cfg(line_model, mosquitto, [cam])
+    cfg = line_cfg(line_model, mosquitto, [cam])
     cfg["decide"] = {"defect_classes": ["crack"]}
     d = Daemon(tmp_path, cfg)
     try:

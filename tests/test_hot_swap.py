@@ -10,8 +10,8 @@ import time
 from collections import defaultdict
 
 
-from daemon_helpers import Daemon, metric_value
-from loop_helpers import line_cfg, publish, visiond, wait_until
+from daemon_helpers import Daemon, line_cfg, metric_value
+from loop_helpers import publish, visiond, wait_until
 from visiond.models.arch import build_model
 from visiond.models.checkpoint import load_checkpoint, save_checkpoint
 from visiond.preprocess import PreprocessSpec

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, require_binary
-from daemon_helpers import Daemon, metric_value
+from daemon_helpers import Daemon, line_cfg, metric_value
 
 WATCHDOG_USEC = 2_000_000  # pings every 1 s
 STOP_TIMEOUT_S = 20  # TimeoutStopSec of systemd/visiond.service
@@ -111,14 +111,6 @@ def _status_with(text: str, since: float = 0.0):
                             for ln in m.splitlines())
 
 
-def _cfg(model, mosquitto, cameras, **extra) -> dict:
-    cfg = {"cameras": cameras, "model": {"checkpoint": str(model), "max_batch": 8},
-           "decide": {"defect_classes": ["scratch", "spot"]},
-           "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "keepalive_s": 5}}
-    cfg.update(extra)
-    return cfg
-
-
 def _no_pings_for(notify: NotifySocket, since: float, seconds: float, proc: subprocess.Popen) -> None:
     """No WATCHDOG=1 from `since` for `seconds` (3 ping intervals and more), while the daemon keeps running."""
     time.sleep(max(0.0, since + seconds - time.monotonic()))
@@ -145,7 +137,7 @@ def test_ready_pings_and_a_clean_stop_mid_batch_lose_nothing(tmp_path, mosquitto
     cams = [{"name": "line1", "source": str(synth_video.path), "loop": True, "roi": list(synth_video.roi)},
             {"name": "dead", "source": dead, "open_timeout_s": 1, "read_timeout_s": 1}]
     jsonl = tmp_path / "verdicts.jsonl"
-    d = Daemon(tmp_path, _cfg(line_model, mosquitto, cams, jsonl={"path": str(jsonl)}), env=notify.env())
+    d = Daemon(tmp_path, line_cfg(line_model, mosquitto, cams, jsonl={"path": str(jsonl)}), env=notify.env())
     try:
         # when it starts, READY=1 comes once the model is warm and every stage runs
         ready = notify.wait_for(_has("READY=1"), 120, "READY=1", d.proc)
@@ -236,7 +228,7 @@ def test_a_capture_read_that_hangs_stops_the_pings(tmp_path, mosquitto, line_mod
     feed = FifoFeed(ts_video, tmp_path / "feed.ts")
     cam = {"name": "pipe", "source": str(feed.fifo), "roi": list(synth_video.roi), "read_timeout_s": 1,
            "open_timeout_s": 5}
-    d = Daemon(tmp_path, _cfg(line_model, mosquitto, [cam]), env=notify.env())
+    d = Daemon(tmp_path, line_cfg(line_model, mosquitto, [cam]), env=notify.env())
     feed.start(0.5)
     try:
         ready = notify.wait_for(_has("READY=1"), 120, "READY=1", d.proc)
@@ -288,7 +280,7 @@ def test_a_stalled_inference_stops_the_pings_and_they_resume(tmp_path, mosquitto
     # given a daemon whose audit trail goes to a pipe (a log shipper), and a camera at 10 fps
     reader = PipeReader(tmp_path / "verdicts.jsonl")
     cam = {"name": "line1", "source": str(synth_video.path), "loop": True, "fps": 10, "roi": list(synth_video.roi)}
-    d = Daemon(tmp_path, _cfg(line_model, mosquitto, [cam], jsonl={"path": str(tmp_path / "verdicts.jsonl")}),
+    d = Daemon(tmp_path, line_cfg(line_model, mosquitto, [cam], jsonl={"path": str(tmp_path / "verdicts.jsonl")}),
                env=notify.env())
     try:
         ready = notify.wait_for(_has("READY=1"), 120, "READY=1", d.proc)
@@ -316,7 +308,7 @@ def test_a_stalled_inference_stops_the_pings_and_they_resume(tmp_path, mosquitto
 def test_a_hung_spool_disk_stops_the_pings_and_they_resume(tmp_path, mosquitto, line_model, synth_video, notify):
     # given a camera at 10 fps and a daemon pinging its watchdog
     cam = {"name": "line1", "source": str(synth_video.path), "loop": True, "fps": 10, "roi": list(synth_video.roi)}
-    d = Daemon(tmp_path, _cfg(line_model, mosquitto, [cam]), env=notify.env())
+    d = Daemon(tmp_path, line_cfg(line_model, mosquitto, [cam]), env=notify.env())
     try:
         ready = notify.wait_for(_has("READY=1"), 120, "READY=1", d.proc)
         notify.wait_for(lambda ms: len([1 for t, m in ms if t > ready and "WATCHDOG=1" in m]) >= 2, 30, "pings",
@@ -343,7 +335,7 @@ def test_a_stalled_publisher_stops_the_pings(tmp_path, mosquitto, line_model, rt
     # given an RTSP camera and a broker answering slowly enough to leave acks in flight
     cam = {"name": "rtsp", "source": rtsp_server.url, "roi": list(synth_video.roi), "read_timeout_s": 2,
            "open_timeout_s": 2}
-    cfg = _cfg(line_model, mosquitto, [cam])
+    cfg = line_cfg(line_model, mosquitto, [cam])
     cfg["mqtt"]["keepalive_s"] = 60  # the brief broker freeze below must not drop the connection
     d = Daemon(tmp_path, cfg, env=notify.env())
     try:
@@ -426,7 +418,7 @@ def test_a_stage_thread_that_dies_takes_the_daemon_down_with_exit_1(stage, break
                                                                       line_model, synth_video, caplog):
     # given a daemon on a looping camera, one of whose stage threads is killed by an exception
     cam = {"name": "line1", "source": str(synth_video.path), "loop": True, "fps": 30, "roi": list(synth_video.roi)}
-    cfg = _cfg(line_model, mosquitto, [cam], node="testbox", spool={"dir": str(tmp_path / "spool")},
+    cfg = line_cfg(line_model, mosquitto, [cam], node="testbox", spool={"dir": str(tmp_path / "spool")},
                metrics={"port": free_port()})
     t0 = time.monotonic()
     code = _run_in_process(cfg, break_it, caplog)

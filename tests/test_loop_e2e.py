@@ -27,8 +27,8 @@ import cv2
 import pytest
 
 from conftest import require_binary, stop_process
-from daemon_helpers import Daemon
-from loop_helpers import frame_truth, line_cfg, model_without_spot, pixel_hash, visiond, wait_until  # noqa: F401
+from daemon_helpers import Daemon, line_cfg
+from loop_helpers import frame_truth, model_without_spot, pixel_hash, visiond, wait_until  # noqa: F401
 from tools import synthline
 from visiond.data.importers import import_dataset
 from visiond.data.inbox import list_inbox

@@ -245,7 +245,7 @@ def test_events_go_out_on_the_event_topic_with_their_own_seq(mosquitto, mqtt_rec
     # when a prediction and then the event it caused are submitted
     sink.submit([prediction("cam1", "scratch", 0.8)])
     sink.submit_event("cam1", {"kind": "defect_started", "label": "scratch", "score": 0.8,
-                               "model": {"name": "smallcnn", "version": "3f9a1c"}, "frame_captured_at": time.time()})
+                               "model": {"name": "smallcnn", "version": "3f9a1c"}, "at": time.time()})
     # then the event validates and counts its own seq, so predictions' seq stays gapless
     recorder.wait_for(lambda ms: any(m.topic.endswith("/event") for m in ms))
     [event] = recorder.json_payloads("/event")

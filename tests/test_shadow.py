@@ -10,8 +10,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from daemon_helpers import Daemon, schema_validator
-from loop_helpers import line_cfg, model_without_spot, publish, wait_until  # noqa: F401 (fixture)
+from daemon_helpers import Daemon, line_cfg, schema_validator
+from loop_helpers import model_without_spot, publish, wait_until  # noqa: F401 (fixture)
 from test_hot_swap import resaved
 from visiond.frames import Frame, ModelRef, Prediction, Timings
 from visiond.metrics import Metrics

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -27,6 +26,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tools import synthline  # noqa: E402
+from visiond.private_broker import start_private_broker  # noqa: E402
 
 OUT = ROOT / "demo-out"
 console = Console()
@@ -44,18 +44,6 @@ def broker_reachable(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def start_private_broker() -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    conf = Path(tempfile.mkdtemp(prefix="visiond-demo-")) / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(50):
-        if broker_reachable("127.0.0.1", port):
-            return proc, port
-        time.sleep(0.1)
-    raise SystemExit("demo: private mosquitto did not start (is the Debian package 'mosquitto' installed?)")
 
 
 def prepare_data() -> tuple[Path, list[str]]:

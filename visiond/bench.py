@@ -14,7 +14,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from visiond.errors import UserError
 from visiond.models.checkpoint import load_checkpoint
 from visiond.models.runtime import TorchClassifier
 from visiond.preprocess import resize_uint8
+from visiond.private_broker import start_private_broker
 
 console = Console(stderr=True)
 
@@ -263,19 +263,8 @@ def _broker(opts: BenchOptions):
     if opts.broker:
         host, _, port = opts.broker.rpartition(":")
         return None, host or "127.0.0.1", int(port)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    conf = Path(tempfile.mkdtemp(prefix="visiond-bench-broker-")) / "m.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n")
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(50):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc, "127.0.0.1", port
-        except OSError:
-            time.sleep(0.1)
-    raise UserError("bench: could not start a private mosquitto; install the Debian package 'mosquitto' or pass --broker")
+    proc, port = start_private_broker()
+    return proc, "127.0.0.1", port
 
 
 def run_bench(opts: BenchOptions) -> dict:

@@ -1,4 +1,4 @@
-"""Plain values handed from stage to stage: Frame -> Batch -> Prediction.
+"""Plain values handed from stage to stage: Frame -> Prediction (a batch is a list of Frames).
 
 Each stage owns one job and passes one of these on; no stage reaches back.
 """
@@ -20,18 +20,6 @@ class Frame:
     captured_mono: float  # time.monotonic() at capture, for latency
     image: np.ndarray
     enqueued_mono: float = 0.0  # time.monotonic() when it entered the queue
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """Frames of one or more cameras and their preprocessed uint8 NHWC array."""
-
-    frames: tuple[Frame, ...]
-    pixels: np.ndarray  # uint8, N x H x W x C, already resized by the spec
-    formed_mono: float
-
-    def __len__(self) -> int:
-        return len(self.frames)
 
 
 @dataclass(frozen=True, slots=True)

@@ -298,9 +298,8 @@ class MqttSink:
         ])
 
     def submit_event(self, camera: str, event: Mapping[str, Any]) -> None:
-        """Spool one event: kind, at (wall seconds; `frame_captured_at` also accepted), label, score, model."""
-        event = dict(event)
-        event.setdefault("at", event.get("frame_captured_at"))
+        """Spool one event: kind, at (wall seconds), label, score, model."""
+        event = dict(event)  # its payload is built later, on the spool writer's thread
         missing = sorted(k for k in ("kind", "at", "label", "score", "model") if event.get(k) is None)
         if missing:
             raise ValueError(f"event for {camera!r} lacks {missing}")
