@@ -152,7 +152,7 @@ def _sniff(path: Path) -> None:
         if n + 8 > size:
             raise CheckpointError(f"{path}: truncated (header says {n} bytes, file has {size})")
         return
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and 2 <= head[1] <= 5):  # torch.save zip / pickle
         raise CheckpointError(
             f"{path}: is a pickle/torch.save file; visiond checkpoints are safetensors and pickles are never loaded "
             f"(convert it with `visiond train --weights` or re-export it)"
