@@ -73,8 +73,11 @@ class Daemon:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)  # the daemon dumps every thread's stack to stderr
+            time.sleep(1.0)
             self.proc.kill()
-            pytest.fail(f"visiond did not exit within {timeout} s; stderr:\n{self.stderr[-3000:]}")
+            self.proc.wait()
+            pytest.fail(f"visiond did not exit within {timeout} s; stderr:\n{self.stderr[-8000:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:

@@ -21,6 +21,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -370,6 +371,50 @@ def test_a_stalled_publisher_stops_the_pings(tmp_path, mosquitto, line_model, rt
 
 
 # --------------------------------------------------------------------------- a stage that dies
+
+
+_SIGNAL_IN_THE_WORST_PLACE = """
+import os, signal, sys, threading, yaml
+from visiond.config import parse_config
+from visiond.daemon import Daemon
+from visiond.logs import setup_logging
+
+class SignalWhileLocked(threading.Event):
+    # After ~3 s of the supervise loop, SIGTERM arrives while the main thread holds the
+    # event's own lock, i.e. inside Event.wait() just before it sleeps: the handler then runs there.
+    calls = 0
+    def wait(self, timeout=None):
+        if threading.current_thread() is threading.main_thread():
+            SignalWhileLocked.calls += 1
+            if SignalWhileLocked.calls == 15:
+                with self._cond:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    for _ in range(1000):  # bytecodes: the handler runs here, lock held
+                        pass
+        return super().wait(timeout)
+
+setup_logging("info")
+daemon = Daemon(parse_config(yaml.safe_load(open(sys.argv[1])), env={}))
+daemon.stop_event.__class__ = SignalWhileLocked
+sys.exit(daemon.run())
+"""
+
+
+def test_a_stop_signal_that_lands_while_the_main_thread_holds_a_lock_still_stops_cleanly(tmp_path, mosquitto,
+                                                                                        line_model, synth_video):
+    # given a running daemon whose main thread is interrupted by SIGTERM at the worst moment:
+    # while it holds the stop event's own lock (a handler that takes that lock hangs forever)
+    cam = {"name": "line1", "source": str(synth_video.path), "loop": True, "fps": 30, "roi": list(synth_video.roi)}
+    cfg = line_cfg(line_model, mosquitto, [cam], node="testbox", spool={"dir": str(tmp_path / "spool")},
+                   metrics={"port": free_port()})
+    (tmp_path / "cfg.yaml").write_text(__import__("yaml").safe_dump(cfg))
+    (tmp_path / "run.py").write_text(_SIGNAL_IN_THE_WORST_PLACE)
+    proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "cfg.yaml")],
+                          capture_output=True, text=True, timeout=90)  # old bug: hangs here
+    # then it stops, drains and exits 0 like any SIGTERM
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "signal SIGTERM: stopping" in proc.stderr
+    assert "stopped in" in proc.stderr and "(exit 0)" in proc.stderr, proc.stderr[-3000:]
 
 
 def _run_in_process(cfg_dict: dict, break_it, caplog) -> int:

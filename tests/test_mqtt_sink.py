@@ -185,6 +185,27 @@ def test_spool_bound_drops_the_oldest_and_counts_them(tmp_path, metrics, caplog)
     spool.close()
 
 
+def test_a_full_spool_evicts_messages_in_flight_last_so_drops_count_only_what_is_lost(tmp_path, metrics):
+    # given a spool of 10 whose 3 oldest were handed to the broker (awaiting PUBACK)
+    spool = Spool(tmp_path, 10, metrics)
+    spool.append([("t", lambda s: b"x", 1, time.time(), "cam1")] * 10)
+    for seq in (1, 2, 3):
+        spool.hold(seq)
+    # when 4 more arrive
+    spool.append([("t", lambda s: b"x", 1, time.time(), "cam1")] * 4)
+    # then the 4 oldest *waiting* ones go; the in-flight ones stay to be acked (and are not counted dropped)
+    assert [m.seq for m in spool.peek(0, 100)] == [1, 2, 3] + list(range(8, 15))
+    assert sample(metrics, "visiond_spool_dropped_total") == 4
+    # when their PUBACKs delete two, and the connection is lost before the third
+    spool.delete([1, 2])
+    spool.release()
+    spool.append([("t", lambda s: b"x", 1, time.time(), "cam1")] * 3)
+    # then the released one is the oldest again and is the one that goes (8 + 3 = 11 rows, bound 10)
+    assert [m.seq for m in spool.peek(0, 100)] == list(range(8, 18))
+    assert sample(metrics, "visiond_spool_dropped_total") == 4 + 1
+    spool.close()
+
+
 def test_a_batch_is_one_transaction_and_cheap(tmp_path):
     # given a batch of 16 predictions
     spool = Spool(tmp_path, 100_000)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import faulthandler
 import signal
 import threading
 import time
@@ -63,6 +64,8 @@ class Daemon:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.stop_event = threading.Event()
+        self._signalled: str | None = None  # set by the SIGTERM/SIGINT handler, acted on by _supervise
+        self._hup = False  # set by the SIGHUP handler
         self.metrics = Metrics()
         self._reload_lock = threading.Lock()
         self._exit_code = 0
@@ -133,6 +136,13 @@ class Daemon:
         next_ping = next_status = next_check = 0.0
         stalled_before: list[str] = []
         while not self.stop_event.wait(0.2):
+            if self._signalled:
+                log.info("signal %s: stopping", self._signalled)
+                self.stop_event.set()
+                return
+            if self._hup:
+                self._hup = False
+                threading.Thread(target=self.reload, args=("SIGHUP",), name="reload", daemon=True).start()
             dead = liveness.dead_stage(self.worker, self.mqtt, self.sources)
             if dead is not None:
                 self._fail(dead)
@@ -195,13 +205,27 @@ class Daemon:
         return self._exit_code
 
     def _install_signals(self) -> None:
+        """The handlers only record the signal; the supervise loop acts on it within 0.2 s.
+
+        A Python signal handler runs in the main thread between two bytecodes, so it
+        must take no lock: the main thread sits in `stop_event.wait()` nearly all the
+        time, and `Event.set()` from a handler that interrupted it while it held the
+        event's own (non-reentrant) lock hangs the daemon for good (seen as a stop
+        that logged "signal SIGTERM" and nothing after). Logging and starting the
+        reload thread take locks too, so they happen in the loop.
+        """
         def stop(signum, _frame):
-            log.info("signal %s: stopping", signal.Signals(signum).name)
-            self.stop_event.set()
+            self._signalled = signal.Signals(signum).name
+
+        def hup(_signum, _frame):
+            self._hup = True
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self.reload, args=("SIGHUP",), daemon=True).start())
+        signal.signal(signal.SIGHUP, hup)
+        # `kill -USR1` (systemctl kill -s USR1 visiond) writes every thread's stack to stderr
+        # and the daemon goes on: what an operator needs when a stage looks stuck.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     # ---- status and health ----------------------------------------------
     def _camera_status(self, camera: str, online: bool, reason: str) -> None:

@@ -5,6 +5,10 @@ acknowledged them, so a crash or a power cut loses nothing that was appended.
 One sqlite file (WAL, synchronous=FULL): a batch of predictions is one commit,
 one fsync. The bound is enforced on append by dropping the oldest rows, which
 are counted (`visiond_spool_dropped_total`) and logged, never lost silently.
+Rows the publisher has handed to the broker are *held* (`hold`) until their
+PUBACK deletes them or the connection is lost (`release`): eviction takes the
+oldest unheld rows first, so a message that is about to be acknowledged is not
+counted as dropped and then delivered anyway.
 
 `seq` lives here too because it must be allocated in the same transaction as
 the rows that carry it: a seq is never reused, even after its row is gone.
@@ -76,6 +80,7 @@ class Spool:
         self._readers: list[sqlite3.Connection] = []
         self._next_seq, self._count = self._load_state()
         self._streams: dict[str, int] = {}
+        self._held: set[int] = set()  # seqs in flight to the broker (or acked, awaiting delete)
         self._dropped_unlogged = 0
         self._last_drop_log = 0.0
         self._publish_count()
@@ -138,9 +143,7 @@ class Spool:
                 db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                [(f"next_seq:{k}", v) for k, v in counters.items()])
                 if over:
-                    db.execute(
-                        "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages ORDER BY seq LIMIT ?)", (over,)
-                    )
+                    db.executemany("DELETE FROM messages WHERE seq = ?", [(s,) for s in self._victims(over)])
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -153,6 +156,31 @@ class Spool:
                 self._note_dropped(over)
         self._publish_count()
         return list(range(first, end))
+
+    def _victims(self, n: int) -> list[int]:
+        """The `n` seqs to evict: the oldest unheld rows, then (only if too few) the oldest held ones."""
+        oldest = [r[0] for r in self._db.execute(
+            "SELECT seq FROM messages ORDER BY seq LIMIT ?", (n + len(self._held),))]
+        free = [s for s in oldest if s not in self._held]
+        if len(free) >= n:
+            return free[:n]
+        held = [s for s in oldest if s in self._held]
+        victims = free + held[: n - len(free)]
+        self._held.difference_update(victims)
+        return victims
+
+    def hold(self, seq: int) -> None:
+        """The publisher handed this row to the broker: evict it last."""
+        with self._lock:
+            self._held.add(seq)
+
+    def release(self, seqs: Sequence[int] | None = None) -> None:
+        """These rows are no longer in flight (connection lost); None releases all."""
+        with self._lock:
+            if seqs is None:
+                self._held.clear()
+            else:
+                self._held.difference_update(seqs)
 
     def peek(self, after_seq: int, limit: int) -> list[SpooledMessage]:
         """Up to `limit` messages with seq > after_seq, oldest first."""
@@ -180,6 +208,7 @@ class Spool:
                 raise
             finally:
                 db.execute("PRAGMA synchronous=FULL")
+            self._held.difference_update(seqs)
             removed = db.total_changes - before
             self._count -= removed
         self._publish_count()

@@ -488,6 +488,7 @@ class MqttSink:
         self._inflight_seqs.clear()
         self._status_mids.clear()
         self._flush_acked()
+        self._spool.release()  # nothing is in flight any more: all rows are evictable again
         self._cursor = 0
         self._offline_mid = None
         self._offline_done = False
@@ -607,6 +608,7 @@ class MqttSink:
         else:
             self._inflight[info.mid] = msg
             self._inflight_seqs.add(msg.seq)
+            self._spool.hold(msg.seq)
         return True
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
@@ -630,6 +632,7 @@ class MqttSink:
             self._delivered(msg)
 
     def _delivered(self, msg: SpooledMessage) -> None:
+        self._spool.hold(msg.seq)  # delivered: not evictable (nor a drop) until its delete lands
         self._acked.append(msg.seq)
         self._count_acked.inc()
         if not msg.topic.endswith("/prediction"):
@@ -641,6 +644,7 @@ class MqttSink:
 
     def _denied(self, msg: SpooledMessage, reason_code) -> None:
         """Keep it spooled and offer it again later; a denial is never a success."""
+        self._spool.release([msg.seq])
         self._count_denied.inc()
         key = (msg.topic, reason_code.value)
         if key not in self._denials_logged and len(self._denials_logged) < 1000:
