@@ -9,17 +9,21 @@ import subprocess
 import time
 from collections import Counter
 
+import pytest
 
 from daemon_helpers import Daemon, line_cfg, metric_value, schema_validator
 from conftest import free_port
 
 
-def test_file_source_gives_one_message_per_frame_in_order_matching_truth(tmp_path, mosquitto, mqtt_recorder,
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_file_source_gives_one_message_per_frame_in_order_matching_truth(runtime, tmp_path, mosquitto, mqtt_recorder,
                                                                          line_model, synth_video):
-    # given a subscriber and the daemon on a 300-frame line video
+    # given a subscriber and the daemon on a 300-frame line video, with either model runtime
     rec = mqtt_recorder("visiond/#")
     cam = {"name": "line1", "source": str(synth_video.path), "roi": list(synth_video.roi)}
-    d = Daemon(tmp_path, line_cfg(line_model, mosquitto, [cam]))
+    cfg = line_cfg(line_model, mosquitto, [cam])
+    cfg["model"]["runtime"] = runtime
+    d = Daemon(tmp_path, cfg)
     try:
         # when the file has been read, the daemon ends on its own
         assert d.wait(120) == 0, d.stderr[-3000:]
@@ -42,6 +46,9 @@ def test_file_source_gives_one_message_per_frame_in_order_matching_truth(tmp_pat
             assert p["defect"] is True
     statuses = [m.payload for m in rec.messages("visiond/testbox/status")]
     assert statuses[0] == b"online" and statuses[-1] == b"offline"
+    # and the runtime that served is the one configured, and says so
+    detail = json.loads(rec.messages("visiond/testbox/status/detail")[-1].payload)
+    assert detail["model"]["runtime"] == runtime
 
 
 def test_seq_survives_a_restart(tmp_path, mosquitto, mqtt_recorder, line_model, tmp_path_factory):

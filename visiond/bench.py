@@ -32,7 +32,7 @@ from visiond.config import DecideConfig
 from visiond.decide import Decider
 from visiond.errors import UserError
 from visiond.models.checkpoint import load_checkpoint
-from visiond.models.runtime import TorchClassifier
+from visiond.models.runtime import Classifier, make_classifier
 from visiond.preprocess import resize_uint8
 from visiond.private_broker import start_private_broker
 
@@ -50,6 +50,8 @@ class BenchOptions:
     realtime_fps: float = 30.0
     realtime_seconds: float = 10.0
     roi: tuple[int, int, int, int] | None = None
+    runtime: str = "torch"  # model.runtime for every measurement: torch | onnxruntime
+    model_cache: Path | None = None  # where the ONNX export lives, copied into each daemon's state dir
 
 
 def _defaults(opts: BenchOptions) -> BenchOptions:
@@ -124,7 +126,7 @@ def bench_preprocess(opts: BenchOptions, spec) -> dict:
     return {"fps": n / (w1 - w0), "cpu_s_per_frame": (c1 - c0) / n}
 
 
-def bench_model(clf: TorchClassifier, max_batch: int) -> dict:
+def bench_model(clf: Classifier, max_batch: int) -> dict:
     s = clf.spec
     out = {}
     b = 1
@@ -181,7 +183,7 @@ def _summary(recv: list[tuple[float, dict]], trim: float = 0.1) -> dict:
             "latency_p99_ms": float(np.percentile(lat, 99)), "messages": len(recv)}
 
 
-def naive_loop(opts: BenchOptions, clf: TorchClassifier, host: str, port: int, frames: int, fps: float = 0) -> dict:
+def naive_loop(opts: BenchOptions, clf: Classifier, host: str, port: int, frames: int, fps: float = 0) -> dict:
     """The seed's loop: read -> preprocess -> model(batch of 1) -> publish, one frame at a time."""
     decider = Decider(clf.classes, DecideConfig(defect_classes=[]))
     sub = _Subscriber(host, port, "bench/naive/#")
@@ -224,10 +226,13 @@ def pipeline(opts: BenchOptions, host: str, port: int, frames: int, fps: float =
         "node": "bench",
         "cameras": [{"name": "cam", "source": str(Path(opts.video).resolve()), "fps": fps, "loop": True,
                      "policy": "every", "queue_size": max(2 * opts.max_batch, 8), "roi": [x, y, w, h]}],
-        "model": {"checkpoint": str(Path(opts.checkpoint).resolve()), "max_batch": opts.max_batch},
+        "model": {"checkpoint": str(Path(opts.checkpoint).resolve()), "max_batch": opts.max_batch,
+                  "runtime": opts.runtime},
         "mqtt": {"host": host, "port": port}, "spool": {"dir": str(work / "spool")},
         "metrics": {"enabled": False}, "logging": {"level": "warning"},
     }))
+    if opts.model_cache is not None:  # the daemon finds the export where it caches it: no second export
+        shutil.copytree(opts.model_cache, work / "spool" / "models")
     sub = _Subscriber(host, port, "visiond/bench/cam/prediction")
     proc = subprocess.Popen([sys.executable, "-m", "visiond", "run", "--config", str(cfg)])
     deadline = time.time() + 60 + frames / max(fps, 50)
@@ -270,8 +275,10 @@ def _broker(opts: BenchOptions):
 def run_bench(opts: BenchOptions) -> dict:
     opts = _defaults(opts)
     ckpt = load_checkpoint(opts.checkpoint)
-    clf = TorchClassifier(ckpt, device="auto", threads=1)
+    cache = Path(tempfile.mkdtemp(prefix="visiond-bench-models-"))
+    clf = make_classifier(ckpt, runtime=opts.runtime, device="auto", threads=1, cache_dir=cache)
     clf.warmup(opts.max_batch)
+    opts.model_cache = cache if clf.runtime == "onnxruntime" else None
     broker, host, port = _broker(opts)
     try:
         with console.status("decode only"):
@@ -293,6 +300,7 @@ def run_bench(opts: BenchOptions) -> dict:
         if broker:
             broker.terminate()
             broker.wait(5)
+        shutil.rmtree(cache, ignore_errors=True)
     result = _assemble(opts, clf, decode, prep, model, naive, pipe, naive_rt, pipe_rt)
     _print(result)
     if opts.json_out:
@@ -307,7 +315,7 @@ def _assemble(opts, clf, decode, prep, model, naive, pipe, naive_rt, pipe_rt) ->
     cpu_bound = cores / cpu_needed
     limit = min(decode["fps"], model[best_b]["fps"], cpu_bound)
     return {
-        "machine": {"cores": cores, "device": clf.device},
+        "machine": {"cores": cores, "device": clf.device, "runtime": clf.runtime},
         "model": {"name": clf.name, "arch": clf.arch, "version": clf.version,
                   "input": [clf.spec.height, clf.spec.width, clf.spec.channels]},
         "video": str(opts.video), "frames": opts.frames,
@@ -327,7 +335,8 @@ def _f(x, fmt="{:.1f}"):
 
 
 def _print(r: dict) -> None:
-    t = Table(title=f"visiond bench — {r['model']['arch']} {r['model']['input']} on {r['machine']['device']}, "
+    t = Table(title=f"visiond bench — {r['model']['arch']} {r['model']['input']} on {r['machine']['device']} "
+                    f"({r['machine']['runtime']}), "
                     f"{r['machine']['cores']} cores")
     for col in ("run", "fps", "p50 ms", "p99 ms", "CPU ms/frame"):
         t.add_column(col, justify="right" if col != "run" else "left")

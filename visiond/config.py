@@ -110,11 +110,24 @@ class ModelConfig(_Model):
         "At light load frames never wait.",
     )
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto = fp16 autocast on CUDA, fp32 on CPU.")
-    threads: int = Field(1, ge=0, le=256, description="torch intra-op threads on CPU; 0 = torch's default.")
+    threads: int = Field(1, ge=0, le=256, description="Intra-op threads of the runtime on CPU; 0 = the runtime's default.")
+    runtime: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="torch (CPU or CUDA) | onnxruntime (CPU only; faster on CPU). For onnxruntime the "
+        "checkpoint is exported to ONNX at load, checked against torch, and cached in <spool.dir>/models/; a "
+        "network the exporter cannot take is served by torch, with a warning.")
     shadow: Path | None = Field(
         None, description="A candidate checkpoint run beside the served one on the same frames; its labels are "
         "compared, never published as predictions. Also set/cleared by cmd/shadow.")
     shadow_interval_s: float = Field(60.0, gt=0, le=86400, description="How often the shadow comparison is published.")
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime_on_its_device(cls, v, info):
+        device = info.data.get("device", "auto")
+        if v == "onnxruntime" and device.startswith("cuda"):
+            raise ValueError(f"runtime onnxruntime runs on the CPU, but model.device is {device!r}; "
+                             "use device auto or cpu, or runtime torch for CUDA")
+        return v
 
 
 class DecideConfig(_Model):

@@ -25,7 +25,7 @@ from visiond.errors import UserError
 from visiond import liveness
 from visiond.metrics import Metrics, MetricsServer
 from visiond.models.checkpoint import CheckpointError, load_checkpoint
-from visiond.models.runtime import TorchClassifier
+from visiond.models.runtime import Classifier, make_classifier
 from visiond.notify import sd_notify, watchdog_interval_s
 from visiond.pipeline import InferenceWorker, ModelSlot
 from visiond.queues import FrameHub, FrameQueue
@@ -51,13 +51,19 @@ def effective_policy(cam: CameraConfig) -> str:
     return cam.policy or default_policy(cam.source)
 
 
-def load_model(cfg: Config) -> tuple[TorchClassifier, Decider]:
+def load_model(cfg: Config) -> tuple[Classifier, Decider]:
     """Load, check against the config, and warm a checkpoint; raises CheckpointError/UserError."""
     ckpt = load_checkpoint(cfg.model.checkpoint)
     decider = Decider(ckpt.classes, cfg.decide, ckpt.thresholds)
-    clf = TorchClassifier(ckpt, device=cfg.model.device, precision=cfg.model.precision, threads=cfg.model.threads)
+    clf = classifier_for(cfg, ckpt)
     clf.warmup(cfg.model.max_batch)
     return clf, decider
+
+
+def classifier_for(cfg: Config, ckpt) -> Classifier:
+    """The configured runtime for a loaded checkpoint (served or shadow)."""
+    return make_classifier(ckpt, runtime=cfg.model.runtime, device=cfg.model.device, precision=cfg.model.precision,
+                           threads=cfg.model.threads, cache_dir=Path(cfg.spool.dir) / "models")
 
 
 class Daemon:
@@ -124,8 +130,9 @@ class Daemon:
         self.worker.start()
         for s in self.sources:
             s.start()
-        log.info("visiond running: node %s, %d camera(s), model %s %s on %s", self.cfg.node, len(self.sources),
-                 self.slot.current()[0].name, self.slot.current()[0].version, self.slot.current()[0].device)
+        clf = self.slot.current()[0]
+        log.info("visiond running: node %s, %d camera(s), model %s %s on %s (%s)", self.cfg.node, len(self.sources),
+                 clf.name, clf.version, clf.device, clf.runtime)
         sd_notify("READY=1\nSTATUS=running")
         self._supervise()
         return self._shutdown()
@@ -246,7 +253,7 @@ class Daemon:
     @staticmethod
     def _model_detail(clf) -> dict:
         return {"name": clf.name, "version": clf.version, "arch": clf.arch, "device": clf.device,
-                "classes": list(clf.classes)}
+                "runtime": clf.runtime, "classes": list(clf.classes)}
 
     # ---- hot reload --------------------------------------------------------
     @staticmethod
@@ -377,8 +384,7 @@ class Daemon:
         with self._shadow_lock:
             try:
                 ckpt = load_checkpoint(path)
-                clf = TorchClassifier(ckpt, device=self.cfg.model.device, precision=self.cfg.model.precision,
-                                      threads=self.cfg.model.threads)
+                clf = classifier_for(self.cfg, ckpt)
                 clf.warmup(self.cfg.model.max_batch)
             except (CheckpointError, UserError, ValueError, RuntimeError, OSError) as exc:
                 msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__

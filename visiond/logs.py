@@ -38,4 +38,5 @@ def setup_logging(level: str = "info", json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("PIL").setLevel(logging.WARNING)
+    for chatty in ("PIL", "onnx_ir", "onnxscript", "torch.onnx"):  # the ONNX exporter narrates each pass at INFO
+        logging.getLogger(chatty).setLevel(logging.WARNING)

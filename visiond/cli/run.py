@@ -48,12 +48,18 @@ def bench(
     broker: str = typer.Option(None, help="host:port of an MQTT broker (default: a private mosquitto)."),
     realtime_fps: float = typer.Option(30.0, help="Rate of the real-time latency run."),
     realtime_seconds: float = typer.Option(10.0, help="Length of the real-time latency run."),
+    runtime: str = typer.Option("torch", help="Model runtime for every run: torch or onnxruntime (CPU)."),
 ) -> None:
     """Measure decode, model, a naive per-frame loop and the daemon pipeline on one video."""
     from visiond.bench import BenchOptions, run_bench
+    from visiond.errors import UserError
+
+    if runtime not in ("torch", "onnxruntime"):
+        raise UserError(f"--runtime {runtime!r}: expected torch or onnxruntime")
 
     run_bench(BenchOptions(video=video, checkpoint=checkpoint, json_out=json_out, frames=frames, max_batch=max_batch,
-                           broker=broker, realtime_fps=realtime_fps, realtime_seconds=realtime_seconds))
+                           broker=broker, realtime_fps=realtime_fps, realtime_seconds=realtime_seconds,
+                           runtime=runtime))
 
 
 def register(app: typer.Typer) -> None:

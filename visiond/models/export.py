@@ -111,12 +111,12 @@ def _run_torchscript(path: Path, inputs: list[np.ndarray]) -> list[np.ndarray]:
         return [m(torch.from_numpy(x)).numpy() for x in inputs]
 
 
-def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, tolerance: float = 1e-4,
+def export_checkpoint(checkpoint: str | Path | Checkpoint, fmt: str, out: str | Path, *, tolerance: float = 1e-4,
                       opset: int = 18) -> ExportResult:
     """Write the export atomically, then refuse it (and delete it) if it disagrees with PyTorch."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     module = ExportModule(ckpt).eval()
@@ -144,7 +144,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, tole
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    log.info("exported %s to %s (max abs diff %.3g)", checkpoint, out, diff)
+    log.info("exported %s to %s (max abs diff %.3g)", getattr(checkpoint, "version", checkpoint), out, diff)
     return ExportResult(out, fmt, diff, VERIFY_BATCHES)
 
 

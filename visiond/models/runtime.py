@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class Classifier(Protocol):
+    runtime: str  # "torch" | "onnxruntime"
     name: str
     version: str
     arch: str
@@ -61,6 +63,8 @@ def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 
 class TorchClassifier:
     """torch eager on CPU or CUDA: channels_last, inference_mode, autocast on CUDA."""
+
+    runtime = "torch"
 
     def __init__(self, ckpt: Checkpoint, device: str = "auto", precision: str = "auto", threads: int = 1,
                  gpu_preprocess: bool = True):
@@ -117,3 +121,25 @@ class TorchClassifier:
             on_dev = [torch.from_numpy(np.ascontiguousarray(f if f.ndim == 3 else f[:, :, None]))
                       .pin_memory().to(self._dev, non_blocking=True) for f in frames]
             return self.predict(gpu_resize_uint8(on_dev, self.spec))
+
+
+def make_classifier(ckpt: Checkpoint, *, runtime: str = "torch", device: str = "auto", precision: str = "auto",
+                    threads: int = 1, cache_dir: str | Path | None = None) -> Classifier:
+    """The daemon's runtime choice (`model.runtime`).
+
+    `onnxruntime` (CPU) needs the checkpoint exported to ONNX; a network the exporter
+    cannot take (or an export that disagrees with torch) is served by torch instead,
+    with a warning: the line gets its verdicts either way.
+    """
+    if runtime == "onnxruntime":
+        from visiond.models.onnx_runtime import OnnxClassifier
+
+        if cache_dir is None:
+            raise ValueError("the onnxruntime runtime needs a cache directory for the exported model")
+        try:
+            return OnnxClassifier(ckpt, cache_dir, threads=threads)
+        except CheckpointError as exc:
+            log.warning("%s; serving it with torch instead", exc)
+    elif runtime != "torch":
+        raise ValueError(f"model.runtime {runtime!r}: expected torch or onnxruntime")
+    return TorchClassifier(ckpt, device=device, precision=precision, threads=threads)
