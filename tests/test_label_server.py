@@ -311,6 +311,8 @@ def test_posts_need_the_token_and_every_request_a_local_host(server, dataset):
     assert request(server, "GET", "/", host="evil.example")[0] == 403
     assert request(server, "GET", "/api/state", host="localhost:1")[0] == 200
     assert request(server, "GET", "/api/state", host="[::1]:8765")[0] == 200
+    status, body = request(server, "GET", "/api/state", host="line1-box:8765")
+    assert status == 403 and b"--allow-host line1-box" in body  # the refusal says how to allow a real name
     assert len(list_inbox(ds)) == 4
     # malformed bodies
     assert api(server, "/api/accept", b"not json")[0] == 400
@@ -397,3 +399,18 @@ def test_cli_names_a_missing_dataset_in_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "not a directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_host_name_allowed_by_the_operator_opens_the_page_and_others_still_do_not(dataset):
+    # given the page started with --allow-host for the box's name on the plant network
+    srv = make_server(dataset[0], port=0, allow_hosts=["Line1-Box.plant.local."]).start()
+    try:
+        # then the page, the state and labelling work under that name (any case, any port)
+        assert request(srv, "GET", "/", host="line1-box.plant.local:8765")[0] == 200
+        assert request(srv, "GET", "/api/state", host="LINE1-BOX.plant.local")[0] == 200
+        assert api(srv, "/api/accept", {"ids": [dataset[1][0]], "label": "ok"}, host="line1-box.plant.local:80")[0] == 200
+        # and any other name is still refused
+        assert request(srv, "GET", "/api/state", host="evil.example")[0] == 403
+        assert request(srv, "GET", "/api/state", host="line1-box.plant.local.evil.example")[0] == 403
+    finally:
+        srv.close()

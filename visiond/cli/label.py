@@ -17,6 +17,9 @@ def label(
     dataset_dir: Path = typer.Argument(..., help="Dataset directory; images waiting in DATASET_DIR/inbox/."),
     bind: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 shares the page on the network)."),
     port: int = typer.Option(8765, help="TCP port (0 picks a free one)."),
+    allow_host: list[str] = typer.Option(
+        [], "--allow-host", metavar="NAME", help="A host name the page may be opened by (repeatable), e.g. this box's name on "
+                                 "the plant network; localhost and IP addresses always work."),
     classes: Optional[str] = typer.Option(
         None, help="Comma-separated classes offered first, in this order (keys 1..9); the manifest's classes "
                    "and the model's predicted labels follow."),
@@ -28,7 +31,7 @@ def label(
 
     setup_logging("info")
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    server = make_server(dataset_dir, bind=bind, port=port, classes=names)
+    server = make_server(dataset_dir, bind=bind, port=port, classes=names, allow_hosts=allow_host)
     if bind not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"visiond label: listening on {bind}: anyone who can reach this port can label", err=True)
     typer.echo(f"visiond label: {len(list_inbox(dataset_dir))} image(s) in {dataset_dir}/inbox; "

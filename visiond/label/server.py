@@ -2,8 +2,8 @@
 
 Stdlib `ThreadingHTTPServer`, bound to 127.0.0.1 by default. It serves only three fixed
 static files and image files that resolve inside the dataset's inbox/ or images/ (no
-symlink leads out). Requests must name this machine by IP or `localhost` (no DNS
-rebinding), and POSTs must carry the per-run token the page was served with, so another
+symlink leads out). Requests must name this machine by IP, `localhost` or a name the
+operator allowed with `--allow-host` (no DNS rebinding), and POSTs must carry the per-run token the page was served with, so another
 site open in the operator's browser cannot label anything.
 """
 
@@ -76,16 +76,25 @@ def resolve_dataset_file(root: Path, url_path: str) -> Path:
     return real
 
 
-def _host_allowed(host_header: str | None) -> bool:
-    """`localhost` or an IP literal, with any port: a rebound DNS name never matches."""
-    if not host_header:
-        return False
+def _host_name(host_header: str) -> str:
+    """The name in a Host header, without its port or IPv6 brackets."""
     host = host_header.strip()
     if host.startswith("["):
-        host = host[1:host.find("]")] if "]" in host else ""
-    elif host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    if host.lower() == "localhost":
+        return host[1:host.find("]")] if "]" in host else ""
+    if host.count(":") == 1:
+        return host.split(":", 1)[0]
+    return host
+
+
+def _host_allowed(host_header: str | None, allowed: frozenset[str] = frozenset()) -> bool:
+    """`localhost`, an IP literal or a name given with --allow-host, with any port.
+
+    A DNS-rebinding page reaches us under its own (attacker's) name, which is none of these.
+    """
+    if not host_header:
+        return False
+    host = _host_name(host_header)
+    if host.lower() == "localhost" or host.lower().rstrip(".") in allowed:
         return True
     try:
         ipaddress.ip_address(host)
@@ -158,9 +167,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- pieces -----------------------------------------------------------------
     def _host_ok(self) -> bool:
-        if _host_allowed(self.headers.get("Host")):
+        host = self.headers.get("Host")
+        if _host_allowed(host, self.server.allowed_hosts):
             return True
-        self._error(HTTPStatus.FORBIDDEN, "Host must be localhost or an IP address")
+        name = _host_name(host or "")[:64]
+        self._error(HTTPStatus.FORBIDDEN, f"Host {name!r} is not allowed: open the page by localhost or an IP "
+                                          f"address, or start visiond label with --allow-host {name or 'NAME'}")
         return False
 
     def _body(self) -> dict | None:
@@ -228,8 +240,10 @@ class LabelServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, session: LabelSession, bind: str = "127.0.0.1", port: int = 8765):
+    def __init__(self, session: LabelSession, bind: str = "127.0.0.1", port: int = 8765,
+                 allow_hosts: tuple[str, ...] | list[str] = ()):
         self.session = session
+        self.allowed_hosts = frozenset(h.strip().lower().rstrip(".") for h in allow_hosts if h.strip())
         self.token = secrets.token_urlsafe(24)
         self._static: dict[str, bytes] = {}
         self._thread: threading.Thread | None = None
@@ -272,7 +286,7 @@ class LabelServer(ThreadingHTTPServer):
 
 
 def make_server(dataset_dir: str | Path, *, bind: str = "127.0.0.1", port: int = 8765,
-                classes: list[str] | None = None) -> LabelServer:
+                classes: list[str] | None = None, allow_hosts: tuple[str, ...] | list[str] = ()) -> LabelServer:
     """A server for `dataset_dir`, classes as `default_classes` gives them (`classes` first)."""
     from visiond.label.session import default_classes
 
@@ -280,4 +294,4 @@ def make_server(dataset_dir: str | Path, *, bind: str = "127.0.0.1", port: int =
     if not dataset_dir.is_dir():
         raise UserError(f"{dataset_dir}: not a directory; expected a dataset directory with an inbox/")
     session = LabelSession(dataset_dir, default_classes(dataset_dir, classes))
-    return LabelServer(session, bind, port)
+    return LabelServer(session, bind, port, allow_hosts)
