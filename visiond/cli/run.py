@@ -24,7 +24,9 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="The daemon's YA
     """Run the daemon: cameras -> model -> MQTT + /metrics, until SIGTERM/SIGINT or all files end."""
     cfg = _load(config)
     from visiond.logs import setup_logging
+    from visiond.native_log import capture_native_stderr
 
+    capture_native_stderr()  # FFmpeg/OpenCV lines become (coalesced, redacted) log records
     setup_logging(cfg.logging.level, cfg.logging.json_)
     from visiond.daemon import Daemon
 
