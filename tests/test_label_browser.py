@@ -171,6 +171,20 @@ def test_label_the_inbox_with_keys_and_the_grid(page, dataset, tmp_path):
     expect(progress).to_have_text("5 / 6 labelled, 1 left")
     assert _rows(ds)[ids[5]] == "empty"
     assert _in_inbox(ds) == [ids[1]]
+
+    # x discards the frame nobody should learn from: out of the inbox, set aside, not in the manifest
+    page.keyboard.press("g")
+    expect(image).to_have_attribute("data-id", ids[1])
+    page.keyboard.press("x")
+    expect(progress).to_have_text("5 / 6 labelled, 0 left, 1 discarded")
+    expect(page.locator("#empty")).to_be_visible()
+    assert _in_inbox(ds) == [] and (ds / "discarded" / f"{ids[1]}.png").is_file()
+    assert ids[1] not in _rows(ds)
+    # and Backspace brings it back
+    page.keyboard.press("Backspace")
+    expect(progress).to_have_text("5 / 6 labelled, 1 left")
+    expect(image).to_have_attribute("data-id", ids[1])
+    assert _in_inbox(ds) == [ids[1]] and not (ds / "discarded" / f"{ids[1]}.png").exists()
     page.screenshot(path=str(tmp_path / "label-done.png"))
     assert (tmp_path / "label-page.png").stat().st_size > 10_000
 

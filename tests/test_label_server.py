@@ -174,6 +174,35 @@ def test_skip_shows_the_item_last_and_leaves_it_in_the_inbox(server, dataset):
     assert len(list_inbox(ds)) == 4
 
 
+def test_discard_sets_items_aside_out_of_the_manifest_and_undo_brings_them_back(server, dataset):
+    ds, ids = dataset
+    n = len(read_manifest(ds))
+    sidecar = (ds / "inbox" / f"{ids[1]}.json").read_bytes()
+    # when two frames are discarded (one step, e.g. from the grid)
+    status, r = api(server, "/api/discard", {"ids": ids[:2]})
+    # then they leave the inbox for discarded/, the manifest is untouched, progress counts them
+    assert status == 200 and r["set_aside"] == ids[:2] and r["discarded"] == 2
+    assert [i.id for i in list_inbox(ds)] == ids[2:]
+    assert sorted(p.name for p in (ds / "discarded").iterdir()) == sorted(
+        f"{i}{suffix}" for i in ids[:2] for suffix in (".png", ".json"))
+    assert len(read_manifest(ds)) == n
+    s = state(server)
+    assert (s["discarded"], s["left"], s["total"]) == (2, 2, 4)
+    # and a discarded frame is not served, nor can it be labelled
+    assert request(server, "GET", f"/files/discarded/{ids[0]}.png")[0] == 403
+    assert api(server, "/api/accept", {"ids": [ids[0]], "label": "ok"})[0] == 404
+    # when undone, then both are back, complete, shown first
+    assert sorted(api(server, "/api/undo", {})[1]["restored"]) == sorted(ids[:2])
+    assert sorted(i.id for i in list_inbox(ds)) == sorted(ids)
+    assert (ds / "inbox" / f"{ids[1]}.json").read_bytes() == sidecar
+    assert [i["id"] for i in state(server)["items"]][:2] in (ids[:2], ids[1::-1])
+    assert state(server)["discarded"] == 0
+    # and discarding what is not in the inbox is refused without moving anything
+    assert api(server, "/api/discard", {"ids": [ids[0], "20990101T000000000000Z_cam_deadbeef"]})[0] == 404
+    assert api(server, "/api/discard", {"ids": []})[0] == 400
+    assert len(list_inbox(ds)) == 4
+
+
 def test_grid_accepts_many_as_one_undo_step(server, dataset):
     ds, ids = dataset
     n = len(read_manifest(ds))

@@ -38,7 +38,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from visiond.data import phash as ph
-from visiond.data.manifest import (IMAGES_DIR, INBOX_DIR, SPLITS, Sample, atomic_write_bytes, encode_image,
+from visiond.data.manifest import (IMAGES_DIR, INBOX_DIR, SPLITS, Sample, atomic_write_bytes, encode_image, fsync_dir,
                                    manifest_path, read_manifest, sha256_bytes, validate_label, write_manifest)
 from visiond.errors import UserError
 
@@ -48,6 +48,7 @@ SCHEMA = "visiond.inbox/1"
 IMAGE_SUFFIX = ".png"
 SIDECAR_SUFFIX = ".json"
 LOCK_NAME = ".manifest.lock"
+DISCARDED_DIR = "discarded"  # items an operator threw out on the labelling page (undo brings them back)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,159}$")
 _CAMERA_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -347,6 +348,40 @@ def discard_inbox_item(dataset_dir: str | Path, item_id: str) -> None:
         raise UserError(f"inbox item {item_id!r}: not in {directory}")
     sidecar.unlink(missing_ok=True)
     image.unlink(missing_ok=True)
+
+
+def move_to_discarded(dataset_dir: str | Path, item_id: str) -> None:
+    """Set an item aside in `<dataset>/discarded/` (never trained on; `restore_discarded` undoes it).
+
+    Sidecar first, so the item leaves the inbox listing at once; the image follows.
+    """
+    validate_item_id(item_id)
+    src, dst = inbox_dir(dataset_dir), Path(dataset_dir) / DISCARDED_DIR
+    with manifest_lock(dataset_dir):
+        if not (src / f"{item_id}{SIDECAR_SUFFIX}").exists():
+            raise UserError(f"inbox item {item_id!r}: not in {src}")
+        dst.mkdir(parents=True, exist_ok=True)
+        for suffix in (SIDECAR_SUFFIX, IMAGE_SUFFIX):
+            try:
+                os.replace(src / f"{item_id}{suffix}", dst / f"{item_id}{suffix}")
+            except FileNotFoundError:
+                pass
+        fsync_dir(dst)
+        fsync_dir(src)
+
+
+def restore_discarded(dataset_dir: str | Path, item_id: str) -> None:
+    """Put a discarded item back into the inbox (image first, so it reappears complete)."""
+    validate_item_id(item_id)
+    src, dst = Path(dataset_dir) / DISCARDED_DIR, inbox_dir(dataset_dir)
+    with manifest_lock(dataset_dir):
+        if not (src / f"{item_id}{IMAGE_SUFFIX}").exists():
+            raise UserError(f"discarded item {item_id!r}: not in {src}")
+        dst.mkdir(parents=True, exist_ok=True)
+        for suffix in (IMAGE_SUFFIX, SIDECAR_SUFFIX):
+            os.replace(src / f"{item_id}{suffix}", dst / f"{item_id}{suffix}")
+        fsync_dir(dst)
+        fsync_dir(src)
 
 
 def inbox_usage(dataset_dir: str | Path) -> tuple[int, int]:

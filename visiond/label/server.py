@@ -139,6 +139,7 @@ class _Handler(BaseHTTPRequestHandler):
             "/api/accept": lambda b: {"accepted": self.server.session.accept(b.get("ids"), b.get("label"))},
             "/api/undo": lambda b: {"restored": self.server.session.undo()},
             "/api/skip": lambda b: self.server.session.skip(b.get("id")) or {"skipped": b.get("id")},
+            "/api/discard": lambda b: {"set_aside": self.server.session.discard(b.get("ids"))},
             "/api/classes": lambda b: {"classes": self.server.session.add_class(_str(b.get("name"), "name"))},
         }
         route = routes.get(urlsplit(self.path).path)
@@ -195,7 +196,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _progress(self) -> dict:
         s = self.server.session.state()
-        return {"labelled": s["labelled"], "left": s["left"], "total": s["total"]}
+        return {"labelled": s["labelled"], "discarded": s["discarded"], "left": s["left"], "total": s["total"]}
 
     def _file(self, rel: str) -> None:
         try:

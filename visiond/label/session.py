@@ -41,6 +41,13 @@ class _Accepted:
 
 
 @dataclass
+class _Discarded:
+    """One item set aside in discarded/ (a blurred frame, a hand in view): undo puts it back."""
+
+    item_id: str
+
+
+@dataclass
 class _Order:
     """Show order: items just returned by undo first, then the inbox oldest first, then skipped ones."""
 
@@ -80,9 +87,10 @@ class LabelSession:
         self.dataset_dir = Path(dataset_dir)
         self._classes = list(dict.fromkeys(validate_label(c) for c in classes))
         self._lock = threading.Lock()
-        self._undo: list[list[_Accepted]] = []
+        self._undo: list[list[_Accepted | _Discarded]] = []
         self._order = _Order()
         self._labelled = 0
+        self._discarded = 0
 
     @property
     def classes(self) -> list[str]:
@@ -94,14 +102,15 @@ class LabelSession:
         with self._lock:
             items = inbox.list_inbox(self.dataset_dir)
             ordered = sorted(enumerate(items), key=lambda p: self._order.key(p[0], p[1].id))
-            labelled = self._labelled
+            labelled, discarded = self._labelled, self._discarded
             return {
                 "dataset": str(self.dataset_dir),
                 "classes": list(self._classes),
                 "items": [_item_json(item, item.id in self._order.skipped) for _, item in ordered],
                 "labelled": labelled,
+                "discarded": discarded,
                 "left": len(items),
-                "total": labelled + len(items),
+                "total": labelled + discarded + len(items),
                 "undo": len(self._undo),
             }
 
@@ -138,30 +147,57 @@ class LabelSession:
                     self._labelled += len(group)
             return [{"id": a.item_id, "label": a.label} for a in group]
 
+    def discard(self, ids: list[str]) -> list[str]:
+        """Set items aside in discarded/ (one undo step for all of them); all ids are checked first."""
+        ids = _check_ids(ids)
+        with self._lock:
+            present = {item.id for item in inbox.list_inbox(self.dataset_dir)}
+            missing = [i for i in ids if i not in present]
+            if missing:
+                raise NotFound(f"not in the inbox (labelled or removed meanwhile?): {', '.join(missing[:5])}")
+            group: list[_Accepted | _Discarded] = []
+            try:
+                for item_id in ids:
+                    inbox.move_to_discarded(self.dataset_dir, item_id)
+                    group.append(_Discarded(item_id))
+                    self._order.restored.pop(item_id, None)
+                    self._order.skipped.pop(item_id, None)
+                    log.info("discarded %s", item_id)
+            finally:
+                if group:
+                    self._undo.append(group)
+                    del self._undo[:-MAX_UNDO]
+                    self._discarded += len(group)
+            return [d.item_id for d in group]
+
     def undo(self) -> list[str]:
-        """Return the last accepted item (or grid group) to the inbox, shown first again."""
+        """Return the last accepted or discarded item (or grid group) to the inbox, shown first again."""
         with self._lock:
             if not self._undo:
                 raise NotFound("nothing to undo")
             group = self._undo.pop()
             restored: list[str] = []
             try:
-                for acc in reversed(group):
-                    if acc.own_row:
-                        inbox.return_to_inbox(self.dataset_dir, acc.item_id)
-                        self._restore_sidecar(acc)
+                for step in reversed(group):
+                    if isinstance(step, _Discarded):
+                        inbox.restore_discarded(self.dataset_dir, step.item_id)
+                        self._discarded -= 1
+                        log.info("undid discarding %s", step.item_id)
                     else:
-                        self._restore_duplicate(acc)
-                    self._order.restored[acc.item_id] = next(self._order.counter)
-                    restored.append(acc.item_id)
-                    log.info("undid %s (was %s)", acc.item_id, acc.label)
+                        if step.own_row:
+                            inbox.return_to_inbox(self.dataset_dir, step.item_id)
+                            self._restore_sidecar(step)
+                        else:
+                            self._restore_duplicate(step)
+                        self._labelled -= 1
+                        log.info("undid %s (was %s)", step.item_id, step.label)
+                    self._order.restored[step.item_id] = next(self._order.counter)
+                    restored.append(step.item_id)
             except BaseException:
                 left = [a for a in group if a.item_id not in restored]
                 if left:
                     self._undo.append(left)
                 raise
-            finally:
-                self._labelled -= len(restored)
             return restored
 
     def skip(self, item_id: str) -> None:

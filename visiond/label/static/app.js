@@ -68,7 +68,8 @@
       ui.selected = g && s.classes.includes(g) ? g : null;
     }
     $("dataset").textContent = s.dataset;
-    $("progress").textContent = `${s.labelled} / ${s.total} labelled, ${s.left} left`;
+    $("progress").textContent = `${s.labelled} / ${s.total} labelled, ${s.left} left` +
+      (s.discarded ? `, ${s.discarded} discarded` : "");
     $("mode").textContent = ui.grid ? "grid" : "single";
     $("undo").disabled = s.undo === 0;
     $("empty").hidden = item !== null;
@@ -76,6 +77,7 @@
     $("grid").hidden = !ui.grid || !item;
     $("accept").disabled = ui.grid || !item;
     $("skip").disabled = ui.grid || !item;
+    $("discard").disabled = !item;
     renderClasses(item);
     if (ui.grid) renderGrid();
     else if (item) renderSingle(item);
@@ -225,6 +227,20 @@
     });
   }
 
+  // Not worth labelling (blurred, a hand in view, no part): set aside in discarded/, Backspace brings it back.
+  function discard() {
+    const ids = ui.grid ? items().filter((i) => ui.picked.has(i.id)).map((i) => i.id)
+      : (current() ? [current().id] : []);
+    if (!ids.length) { if (ui.grid) say("Select images first (click, shift-click).", "error"); return; }
+    run(async () => {
+      const r = await api("/api/discard", { ids });
+      ui.picked.clear();
+      ui.anchorId = null;
+      say(`${r.set_aside.length} discarded (⌫ undoes)`);
+      await refresh();
+    });
+  }
+
   function toggleGrid() {
     ui.grid = !ui.grid;
     document.body.classList.toggle("grid-mode", ui.grid);
@@ -246,6 +262,8 @@
       undo();
     } else if (k === "s" || k === "S") {
       if (!ui.grid) skip();
+    } else if (k === "x" || k === "X" || k === "Delete") {
+      discard();
     } else if (k === "g" || k === "G") {
       toggleGrid();
     } else if (k === "a" && ui.grid) {
@@ -265,6 +283,7 @@
   button("accept", accept);
   button("skip", skip);
   button("undo", undo);
+  button("discard", discard);
   button("toggle-grid", toggleGrid);
   $("add-class").addEventListener("submit", (ev) => {
     ev.preventDefault();
