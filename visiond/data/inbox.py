@@ -38,8 +38,9 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from visiond.data import phash as ph
-from visiond.data.manifest import (IMAGES_DIR, INBOX_DIR, SPLITS, Sample, atomic_write_bytes, encode_image, fsync_dir,
-                                   manifest_path, read_manifest, sha256_bytes, validate_label, write_manifest)
+from visiond.data.manifest import (DISCARDED_DIR, IMAGES_DIR, INBOX_DIR, SPLITS, Sample, atomic_write_bytes,
+                                   encode_image, fsync_dir, manifest_path, read_manifest, sha256_bytes, validate_label,
+                                   write_manifest)
 from visiond.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ SCHEMA = "visiond.inbox/1"
 IMAGE_SUFFIX = ".png"
 SIDECAR_SUFFIX = ".json"
 LOCK_NAME = ".manifest.lock"
-DISCARDED_DIR = "discarded"  # items an operator threw out on the labelling page (undo brings them back)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,159}$")
 _CAMERA_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 

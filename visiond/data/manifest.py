@@ -28,6 +28,7 @@ from visiond.errors import UserError
 MANIFEST_NAME = "manifest.csv"
 IMAGES_DIR = "images"
 INBOX_DIR = "inbox"
+DISCARDED_DIR = "discarded"  # frames thrown out on the labelling page; never trained on
 COLUMNS = ("path", "label", "split", "source", "captured_at", "sha256")
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm")

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from visiond.data.manifest import IMAGE_EXTS, SPLITS, Sample, classes_of, dataset_hash, load_image, manifest_path, \
-    read_manifest
+from visiond.data.manifest import DISCARDED_DIR, IMAGE_EXTS, INBOX_DIR, SPLITS, Sample, classes_of, dataset_hash, \
+    load_image, manifest_path, read_manifest
 from visiond.data.split import split_dataset
 from visiond.errors import UserError
 from visiond.preprocess import PreprocessSpec, resize_uint8
@@ -57,7 +57,9 @@ class DataSplits:
 def scan_class_folders(root: Path) -> list[Sample]:
     """A plain `root/<label>/**/image` tree as unsplit samples (paths relative to root)."""
     samples = []
-    for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    reserved = {INBOX_DIR, DISCARDED_DIR}  # unlabelled and thrown-out frames are no class
+    for label_dir in sorted(p for p in root.iterdir()
+                            if p.is_dir() and not p.name.startswith(".") and p.name not in reserved):
         for path in sorted(label_dir.rglob("*")):
             if path.is_file() and path.suffix.lower() in IMAGE_EXTS:
                 samples.append(Sample(path.relative_to(root).as_posix(), label_dir.name, source="folder"))
