@@ -8,10 +8,10 @@ takes the daemon down with exit code 1 rather than leaving it half-alive.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
-import faulthandler
 import signal
 import threading
 import time
