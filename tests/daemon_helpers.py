@@ -110,6 +110,12 @@ class Daemon:
         self._stderr.close()
 
 
+def wait_offline(rec, timeout: float, node: str = "testbox") -> None:
+    """Until the recorder has seen the node's `offline` status (the daemon's clean stop)."""
+    topic = f"visiond/{node}/status"
+    rec.wait_for(lambda ms: any(m.topic == topic and m.payload == b"offline" for m in ms), timeout)
+
+
 def metric_value(text: str, name: str, **labels) -> float:
     """Sum of the samples of `name` whose labels include `labels`."""
     total, found = 0.0, False

@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from daemon_helpers import Daemon, line_cfg, metric_value, schema_validator
+from daemon_helpers import Daemon, line_cfg, metric_value, schema_validator, wait_offline
 from conftest import free_port
 
 
@@ -29,7 +29,7 @@ def test_file_source_gives_one_message_per_frame_in_order_matching_truth(runtime
         assert d.wait(120) == 0, d.stderr[-3000:]
     finally:
         d.close()
-    rec.wait_for(lambda ms: any(m.topic == "visiond/testbox/status" and m.payload == b"offline" for m in ms), 10)
+    wait_offline(rec, 10)
     preds = rec.json_payloads("/prediction")
     # then exactly one message per frame, seq gapless and in order, each valid against the schema
     assert len(preds) == len(synth_video.truth) == 300

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, require_binary
-from daemon_helpers import Daemon, line_cfg, metric_value
+from daemon_helpers import Daemon, line_cfg, metric_value, wait_offline
 
 WATCHDOG_USEC = 2_000_000  # pings every 1 s
 STOP_TIMEOUT_S = 20  # TimeoutStopSec of systemd/visiond.service
@@ -177,7 +177,7 @@ def test_ready_pings_and_a_clean_stop_mid_batch_lose_nothing(tmp_path, mosquitto
     rec.wait_for(lambda ms: len(delivered() | spooled) >= classified, 15)
     assert delivered() | spooled == set(range(1, classified + 1))
     # and the retained offline came from the daemon itself: the broker saw a clean DISCONNECT, so no will
-    rec.wait_for(lambda ms: any(m.topic == "visiond/testbox/status" and m.payload == b"offline" for m in ms), 10)
+    wait_offline(rec, 10)
     assert [m.payload for m in rec.messages("visiond/testbox/status")][-1] == b"offline"
     broker_log = mosquitto.log.read_text()
     assert "Client visiond-testbox disconnected." in broker_log, broker_log[-2000:]

@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from daemon_helpers import Daemon, line_cfg, schema_validator
+from daemon_helpers import Daemon, line_cfg, schema_validator, wait_offline
 from loop_helpers import model_without_spot, publish, wait_until  # noqa: F401 (fixture)
 from test_hot_swap import resaved
 from visiond.frames import Frame, ModelRef, Prediction, Timings
@@ -46,7 +46,7 @@ def test_shadow_of_the_same_weights_agrees_on_every_frame(tmp_path, mosquitto, m
         assert d.wait(120) == 0, d.stderr[-3000:]
     finally:
         d.close()
-    rec.wait_for(lambda ms: any(m.topic == "visiond/testbox/status" and m.payload == b"offline" for m in ms), 20)
+    wait_offline(rec, 20)
     preds = rec.json_payloads("/prediction")
     reports = _reports(rec)
     # then the plant saw only the served model, once per frame

@@ -69,7 +69,7 @@ class _Capture:
 
     def _at_exit(self) -> None:
         """Counts of repeats still inside their window are reported, not lost."""
-        self._flush_repeats(float("inf"))
+        self._flush_repeats(time.monotonic(), force=True)
 
     def _run(self) -> None:
         buf = b""
@@ -111,13 +111,12 @@ class _Capture:
             for key in sorted(self._seen, key=lambda k: self._seen[k][1])[:500]:
                 del self._seen[key]
 
-    def _flush_repeats(self, now: float) -> None:
+    def _flush_repeats(self, now: float, force: bool = False) -> None:
         with self._lock:
             for msg, entry in self._seen.items():
-                if entry[2] and now - entry[1] >= self.window_s:
-                    took = min(now, time.monotonic()) - entry[1]
-                    log.log(entry[0], "%s (repeated %d more times in %.0f s)", msg, entry[2], took)
-                    entry[1], entry[2] = min(now, time.monotonic()), 0
+                if entry[2] and (force or now - entry[1] >= self.window_s):
+                    log.log(entry[0], "%s (repeated %d more times in %.0f s)", msg, entry[2], now - entry[1])
+                    entry[1], entry[2] = now, 0
 
 
 def capture_native_stderr(window_s: float = 10.0) -> None:

@@ -48,7 +48,6 @@ class OnnxClassifier:
 
         self.name, self.version, self.arch = ckpt.name, ckpt.version, ckpt.arch
         self.classes, self.spec = ckpt.classes, ckpt.spec
-        self.checkpoint = ckpt
         self.device = "cpu"
         cache = Path(cache_dir)
         path = cache / f"{ckpt.version}.onnx"
@@ -73,7 +72,6 @@ class OnnxClassifier:
             path.unlink(missing_ok=True)
             raise CheckpointError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from exc
         self._input, self._output = INPUT_NAME, OUTPUT_NAME
-        self.path = path
 
     def warmup(self, max_batch: int = 1) -> None:
         s = self.spec

@@ -70,7 +70,6 @@ class TorchClassifier:
                  gpu_preprocess: bool = True):
         self.name, self.version, self.arch = ckpt.name, ckpt.version, ckpt.arch
         self.classes, self.spec = ckpt.classes, ckpt.spec
-        self.checkpoint = ckpt
         dev = resolve_device(device)
         self.device = str(dev)
         if dev.type == "cpu" and threads > 0:

@@ -603,12 +603,12 @@ class MqttSink:
             return True
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             return False
+        self._spool.hold(msg.seq)  # handed to the broker: evicted last, until its delete or a lost connection
         if msg.qos == 0 and info.is_published():  # written at once; on_publish fired before we knew the mid
             self._delivered(msg)
         else:
             self._inflight[info.mid] = msg
             self._inflight_seqs.add(msg.seq)
-            self._spool.hold(msg.seq)
         return True
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
@@ -632,8 +632,7 @@ class MqttSink:
             self._delivered(msg)
 
     def _delivered(self, msg: SpooledMessage) -> None:
-        self._spool.hold(msg.seq)  # delivered: not evictable (nor a drop) until its delete lands
-        self._acked.append(msg.seq)
+        self._acked.append(msg.seq)  # still held (see _send) until _flush_acked deletes it
         self._count_acked.inc()
         if not msg.topic.endswith("/prediction"):
             return  # the latency histogram is capture -> ack of verdicts
