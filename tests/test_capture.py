@@ -21,8 +21,8 @@ from visiond.data.inbox import (accept_inbox_item, discard_inbox_item, list_inbo
 from visiond.data.manifest import read_manifest
 from visiond.errors import UserError
 from visiond.frames import Frame, ModelRef, Prediction, Timings
-from visiond.metrics import Metrics
-from visiond.sinks.capture import CaptureSink
+from visiond.serve.metrics import Metrics
+from visiond.serve.sinks.capture import CaptureSink
 
 
 def _img(seed: int, size: int = 32) -> np.ndarray:
@@ -314,7 +314,7 @@ def test_a_full_disk_is_counted_and_logged_once_and_never_raises(tmp_path, caplo
 
     rules = CaptureRules(low_score_below=1.0, max_per_minute=60000, dedupe_bits=-1)
     sink, metrics = _sink(tmp_path, rules, writer=full)
-    with caplog.at_level(logging.ERROR, logger="visiond.sinks.capture"):
+    with caplog.at_level(logging.ERROR, logger="visiond.serve.sinks.capture"):
         for i in range(10):
             sink.submit([_pred(i, score=0.5)])
         wait_until(lambda: _value(metrics, "visiond_capture_write_failures_total", camera="line1",

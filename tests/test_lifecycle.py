@@ -376,7 +376,7 @@ def test_a_stalled_publisher_stops_the_pings(tmp_path, mosquitto, line_model, rt
 _SIGNAL_IN_THE_WORST_PLACE = """
 import os, signal, sys, threading, yaml
 from visiond.config import parse_config
-from visiond.daemon import Daemon
+from visiond.serve.daemon import Daemon
 from visiond.logs import setup_logging
 
 class SignalWhileLocked(threading.Event):
@@ -420,7 +420,7 @@ def test_a_stop_signal_that_lands_while_the_main_thread_holds_a_lock_still_stops
 def _run_in_process(cfg_dict: dict, break_it, caplog) -> int:
     """The daemon in this process (run() needs the main thread for its signal handlers), broken by `break_it`."""
     from visiond.config import parse_config
-    from visiond.daemon import Daemon as VisionDaemon
+    from visiond.serve.daemon import Daemon as VisionDaemon
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     daemon = VisionDaemon(parse_config(cfg_dict, env={}))

@@ -22,9 +22,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from visiond.config import MqttConfig
 from visiond.frames import Frame, ModelRef, Prediction, Timings
-from visiond.metrics import Metrics
-from visiond.sinks.mqtt import MAX_COMMAND_BYTES, MqttSink, Topics, event_payload, prediction_payload
-from visiond.spool import Spool
+from visiond.serve.metrics import Metrics
+from visiond.serve.sinks.mqtt import MAX_COMMAND_BYTES, MqttSink, Topics, event_payload, prediction_payload
+from visiond.serve.sinks.spool import Spool
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE = "line1-box"
@@ -173,7 +173,7 @@ def test_spool_bound_drops_the_oldest_and_counts_them(tmp_path, metrics, caplog)
     # given a spool bounded to 10 messages
     spool = Spool(tmp_path, 10, metrics)
     # when 15 arrive
-    with caplog.at_level(logging.WARNING, logger="visiond.spool"):
+    with caplog.at_level(logging.WARNING, logger="visiond.serve.sinks.spool"):
         spool.append([("t", lambda s: b"x", 1, time.time(), "cam1")] * 8)
         spool.append([("t", lambda s: b"x", 1, time.time(), "cam1")] * 7)
     # then the 5 oldest are gone, counted and reported
@@ -390,9 +390,9 @@ def test_a_killed_daemon_leaves_the_last_will(mosquitto, mqtt_recorder, tmp_path
     script = textwrap.dedent(f"""
         import sys, time
         from visiond.config import MqttConfig
-        from visiond.metrics import Metrics
-        from visiond.spool import Spool
-        from visiond.sinks.mqtt import MqttSink
+        from visiond.serve.metrics import Metrics
+        from visiond.serve.sinks.spool import Spool
+        from visiond.serve.sinks.mqtt import MqttSink
         metrics = Metrics(process=False)
         sink = MqttSink(MqttConfig(port={mosquitto.port}), {NODE!r}, Spool({str(tmp_path)!r}, 100), metrics)
         sink.start()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from visiond.frames import Frame
-from visiond.metrics import Metrics
-from visiond.queues import FrameHub, FrameQueue
+from visiond.serve.metrics import Metrics
+from visiond.serve.queues import FrameHub, FrameQueue
 
 _IMAGE = np.zeros((4, 4, 3), np.uint8)
 

@@ -14,8 +14,8 @@ from daemon_helpers import Daemon, line_cfg, schema_validator, wait_offline
 from loop_helpers import model_without_spot, publish, wait_until  # noqa: F401 (fixture)
 from test_hot_swap import resaved
 from visiond.frames import Frame, ModelRef, Prediction, Timings
-from visiond.metrics import Metrics
-from visiond.sinks.shadow import ShadowRunner
+from visiond.serve.metrics import Metrics
+from visiond.serve.sinks.shadow import ShadowRunner
 
 
 def _reports(rec) -> list[dict]:

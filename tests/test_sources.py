@@ -16,17 +16,10 @@ import numpy as np
 
 from visiond.config import CameraConfig
 from visiond.frames import Frame
-from visiond.metrics import Metrics
-from visiond.queues import FrameHub, FrameQueue
-from visiond.sources import (
-    Backoff,
-    FrameSource,
-    ImageFolderCapture,
-    configure_v4l2,
-    default_policy,
-    open_capture,
-    source_kind,
-)
+from visiond.serve.metrics import Metrics
+from visiond.serve.queues import FrameHub, FrameQueue
+from visiond.serve.sources import Backoff, FrameSource
+from visiond.video import ImageFolderCapture, configure_v4l2, default_policy, open_capture, source_kind
 
 _SYSTEM_PYTHON = "/usr/bin/python3"  # the one with GStreamer's RTSP server (python3-gi)
 _RTSP_SERVER = Path(__file__).resolve().parents[1] / "tools" / "rtsp_server.py"

@@ -26,7 +26,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tools import synthline  # noqa: E402
-from visiond.private_broker import start_private_broker  # noqa: E402
+from visiond.harness.broker import start_private_broker  # noqa: E402
 
 OUT = ROOT / "demo-out"
 console = Console()

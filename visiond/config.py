@@ -18,6 +18,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from visiond.errors import UserError
+from visiond.logs import redact_url
+
 _PLACEHOLDER = re.compile(r"\$\{(VISIOND_[A-Z0-9_]+)(?::-([^}]*))?\}")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAX_CONFIG_BYTES = 1024 * 1024  # a config is a page of YAML; more is a mistake or an attack
@@ -147,6 +150,17 @@ class DecideConfig(_Model):
                 raise ValueError(f"expected a score between 0 and 1, got {x}")
         return v
 
+    def check_classes(self, classes: tuple[str, ...] | list[str]) -> None:
+        """The rules may name only classes the model has (the daemon at load, `promote` before install)."""
+        unknown = [c for c in self.defect_classes if c not in classes]
+        if unknown:
+            raise UserError(f"decide.defect_classes: {unknown} not among the model's classes {list(classes)}")
+        if isinstance(self.threshold, dict):
+            bad = [c for c in self.threshold if c not in self.defect_classes]
+            if bad:
+                raise UserError(
+                    f"decide.threshold: {bad} are not listed in decide.defect_classes {self.defect_classes}")
+
 
 class TlsConfig(_Model):
     ca: Path | None = Field(None, description="CA bundle that signed the broker's certificate.")
@@ -257,12 +271,6 @@ def _shown(value: Any, loc: tuple) -> str:
         return "<redacted>" if any(str(p) == "password" for p in loc) else redact_url(str(value))
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def redact_url(text: str) -> str:
-    """Hide the password of any user:password@ in a URL (logs, metrics, status)."""
-    # up to the last @ of the authority: an unencoded `p@ss` must not leave `ss` showing
-    return re.sub(r"(://[^:/@\s]+):[^/\s]*@", r"\1:***@", text)
 
 
 def _values_exceed(raw: Any, limit: int) -> bool:

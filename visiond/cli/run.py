@@ -24,11 +24,11 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="The daemon's YA
     """Run the daemon: cameras -> model -> MQTT + /metrics, until SIGTERM/SIGINT or all files end."""
     cfg = _load(config)
     from visiond.logs import setup_logging
-    from visiond.native_log import capture_native_stderr
+    from visiond.logs import capture_native_stderr
 
     capture_native_stderr()  # FFmpeg/OpenCV lines become (coalesced, redacted) log records
     setup_logging(cfg.logging.level, cfg.logging.json_)
-    from visiond.daemon import Daemon
+    from visiond.serve.daemon import Daemon
 
     code = Daemon(cfg).run()
     raise typer.Exit(code)
@@ -53,7 +53,7 @@ def bench(
     runtime: str = typer.Option("torch", help="Model runtime for every run: torch or onnxruntime (CPU)."),
 ) -> None:
     """Measure decode, model, a naive per-frame loop and the daemon pipeline on one video."""
-    from visiond.bench import BenchOptions, run_bench
+    from visiond.serve.bench import BenchOptions, run_bench
     from visiond.errors import UserError
 
     if runtime not in ("torch", "onnxruntime"):

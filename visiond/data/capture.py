@@ -22,7 +22,8 @@ from typing import Callable, TextIO
 import cv2
 import numpy as np
 
-from visiond.config import CameraConfig, redact_url
+from visiond.config import CameraConfig
+from visiond.logs import redact_url
 from visiond.data import phash as ph
 from visiond.data.inbox import InboxItem, prediction_dict, write_inbox_item
 from visiond.errors import UserError
@@ -145,7 +146,7 @@ def capture_frames(opts: CaptureOptions, *, stdin: TextIO | None = None,
                    on_progress: Callable[[CaptureReport], None] | None = None,
                    stop: threading.Event | None = None) -> CaptureReport:
     """Read the source until it ends, --max frames are saved, stdin closes, or `stop` is set."""
-    from visiond.sources import open_capture, roi_slices, source_kind
+    from visiond.video import open_capture, roi_slices, source_kind
 
     opts.validate()
     cam = CameraConfig(name=opts.camera, source=str(opts.source), fps=opts.fps, roi=opts.roi)

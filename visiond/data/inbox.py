@@ -150,7 +150,7 @@ def write_inbox_item(dataset_dir: str | Path, image_bgr: np.ndarray, meta: Mappi
     optionally phash (int or hex, when the caller already computed it) and id.
     Raises OSError (ENOSPC, EIO...) for the caller to count; nothing half-written stays.
     """
-    from visiond.config import redact_url
+    from visiond.logs import redact_url
 
     directory = inbox_dir(dataset_dir)
     directory.mkdir(parents=True, exist_ok=True)

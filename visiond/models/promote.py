@@ -58,10 +58,8 @@ def validate_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
 def check_config_fit(ckpt: Checkpoint, config_path: str | Path) -> None:
     """The daemon config's decide rules must name only classes the model has."""
     from visiond.config import load_config
-    from visiond.decide import Decider
 
-    cfg = load_config(config_path)
-    Decider(ckpt.classes, cfg.decide, ckpt.thresholds)
+    load_config(config_path).decide.check_classes(ckpt.classes)
 
 
 def _copy_to_temp(src: Path, directory: Path, name: str) -> Path:

@@ -17,7 +17,7 @@ from visiond.data.manifest import IMAGE_EXTS
 from visiond.errors import UserError
 from visiond.models.runtime import TorchClassifier
 from visiond.preprocess import resize_uint8
-from visiond.sources import image_file_problem
+from visiond.video import image_file_problem
 
 
 def expand_paths(patterns: list[str]) -> list[Path]:

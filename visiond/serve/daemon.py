@@ -19,22 +19,24 @@ from pathlib import Path
 
 import numpy as np
 
-from visiond.config import CameraConfig, Config, redact_url
-from visiond.decide import Decider
+from visiond.config import CameraConfig, Config
+from visiond.logs import redact_url
+from visiond.serve.decide import Decider
 from visiond.errors import UserError
-from visiond import liveness
-from visiond.metrics import Metrics, MetricsServer
+from visiond.serve import liveness
+from visiond.serve.metrics import Metrics, MetricsServer
 from visiond.models.checkpoint import CheckpointError, load_checkpoint
 from visiond.models.runtime import Classifier, make_classifier
-from visiond.notify import sd_notify, watchdog_interval_s
-from visiond.pipeline import InferenceWorker, ModelSlot
-from visiond.queues import FrameHub, FrameQueue
-from visiond.sinks.capture import CaptureSink
-from visiond.sinks.jsonl import JsonlSink
-from visiond.sinks.shadow import ShadowRunner, ShadowSink
-from visiond.sinks.mqtt import MqttSink
-from visiond.sources import FrameSource, default_policy
-from visiond.spool import Spool
+from visiond.serve.notify import sd_notify, watchdog_interval_s
+from visiond.serve.worker import InferenceWorker, ModelSlot
+from visiond.serve.queues import FrameHub, FrameQueue
+from visiond.serve.sinks.capture import CaptureSink
+from visiond.serve.sinks.jsonl import JsonlSink
+from visiond.serve.sinks.shadow import ShadowRunner, ShadowSink
+from visiond.serve.sinks.mqtt import MqttSink
+from visiond.serve.sources import FrameSource
+from visiond.video import default_policy
+from visiond.serve.sinks.spool import Spool
 
 log = logging.getLogger(__name__)
 

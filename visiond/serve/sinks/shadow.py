@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from visiond.frames import Prediction
-from visiond.metrics import Metrics
+from visiond.serve.metrics import Metrics
 from visiond.models.runtime import Classifier
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class _Window:
         self.serving: dict[str, str] | None = None
 
     def report(self, candidate: Classifier, end_wall: float) -> dict:
-        from visiond.sinks.mqtt import rfc3339
+        from visiond.serve.sinks.mqtt import rfc3339
 
         return {
             "window": {"start": rfc3339(self.start), "end": rfc3339(end_wall), "seconds": round(end_wall - self.start, 3)},

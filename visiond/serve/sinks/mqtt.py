@@ -35,8 +35,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from visiond import __version__
 from visiond.config import MqttConfig
 from visiond.frames import ModelRef, Prediction
-from visiond.metrics import Metrics
-from visiond.spool import Spool, SpooledMessage, SpoolWriter
+from visiond.serve.metrics import Metrics
+from visiond.serve.sinks.spool import Spool, SpooledMessage, SpoolWriter
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from visiond.config import CameraConfig, CaptureConfig, CaptureRules, redact_url
+from visiond.config import CameraConfig, CaptureConfig, CaptureRules
+from visiond.logs import redact_url
 from visiond.data import phash as ph
 from visiond.data.inbox import discard_inbox_item, inbox_usage, list_inbox, prediction_dict, write_inbox_item
 from visiond.errors import UserError
 from visiond.frames import Frame, Prediction
-from visiond.metrics import Metrics
+from visiond.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

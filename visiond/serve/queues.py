@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Iterable, Literal
 
 from visiond.frames import Frame
-from visiond.metrics import Metrics
+from visiond.serve.metrics import Metrics
 
 Policy = Literal["latest", "every"]
 POLICIES: tuple[str, ...] = ("latest", "every")

@@ -8,7 +8,7 @@ import random
 import time
 
 from daemon_helpers import Daemon, line_cfg
-from visiond.native_log import parse_line
+from visiond.logs import parse_line
 
 
 def test_native_lines_are_parsed_into_a_level_and_a_message_without_the_pointer():

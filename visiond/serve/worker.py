@@ -14,9 +14,9 @@ import time
 from typing import Callable, Protocol, Sequence
 
 
-from visiond.decide import Decider, DefectDebouncer
+from visiond.serve.decide import Decider, DefectDebouncer
 from visiond.frames import Frame, ModelRef, Prediction, Timings
-from visiond.metrics import Metrics
+from visiond.serve.metrics import Metrics
 from visiond.models.runtime import Classifier
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from visiond.config import DecideConfig
-from visiond.errors import UserError
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,15 +26,7 @@ class Decider:
     """
 
     def __init__(self, classes: tuple[str, ...], cfg: DecideConfig, ckpt_thresholds: dict[str, float] | None = None):
-        unknown = [c for c in cfg.defect_classes if c not in classes]
-        if unknown:
-            raise UserError(
-                f"decide.defect_classes: {unknown} not among the model's classes {list(classes)}"
-            )
-        if isinstance(cfg.threshold, dict):
-            bad = [c for c in cfg.threshold if c not in cfg.defect_classes]
-            if bad:
-                raise UserError(f"decide.threshold: {bad} are not listed in decide.defect_classes {cfg.defect_classes}")
+        cfg.check_classes(classes)
         self.classes = classes
         self.top_k = min(cfg.top_k, len(classes))
         self.thresholds = self._thresholds(cfg, ckpt_thresholds or {})

@@ -29,12 +29,12 @@ from rich.console import Console
 from rich.table import Table
 
 from visiond.config import DecideConfig
-from visiond.decide import Decider
+from visiond.serve.decide import Decider
 from visiond.errors import UserError
 from visiond.models.checkpoint import load_checkpoint
 from visiond.models.runtime import Classifier, make_classifier
 from visiond.preprocess import resize_uint8
-from visiond.private_broker import start_private_broker
+from visiond.harness.broker import start_private_broker
 
 console = Console(stderr=True)
 

@@ -1,0 +1,1 @@
+"""Where verdicts go: MQTT (with its on-disk spool), the JSONL audit file, the capture inbox, shadow reports."""
