@@ -49,6 +49,30 @@ def test_import_split_stats_preview_end_to_end(tmp_path):
     assert cv2.imread(str(tmp_path / "grid.png")) is not None
 
 
+
+def test_split_again_keeps_old_rows_and_reshuffle_says_what_it_breaks(tmp_path):
+    # given a split dataset
+    rng = np.random.default_rng(0)
+    for kind in ("circle", "square"):
+        (tmp_path / "src" / kind).mkdir(parents=True)
+        for i in range(20):
+            cv2.imwrite(str(tmp_path / "src" / kind / f"{i}.png"), draw_shape(kind, 32, rng))
+    ds = str(tmp_path / "ds")
+    assert runner.invoke(app, ["dataset", "import", "folder", str(tmp_path / "src"), ds, "--no-progress"]).exit_code == 0
+    assert runner.invoke(app, ["dataset", "split", ds]).exit_code == 0
+    first = {s.path: s.split for s in read_manifest(ds)}
+    # when split again, with another seed
+    r = runner.invoke(app, ["dataset", "split", ds, "--seed", "9"])
+    # then nothing moved, and the output says so
+    assert r.exit_code == 0, r.output
+    assert "40 sample(s) kept their split, 0 new sample(s) assigned, 0 moved" in r.output
+    assert {s.path: s.split for s in read_manifest(ds)} == first
+    # when reshuffled on purpose, rows move and the user is told what that does to comparisons
+    r = runner.invoke(app, ["dataset", "split", ds, "--seed", "9", "--reshuffle"])
+    assert r.exit_code == 0, r.output
+    assert "not comparable" in " ".join(r.output.split())
+    assert {s.path: s.split for s in read_manifest(ds)} != first
+
 def test_stats_table_output(tmp_path):
     make_shapes_dataset(tmp_path, per_class=3)
     r = runner.invoke(app, ["dataset", "stats", str(tmp_path)])

@@ -112,3 +112,54 @@ def test_keep_test_leaves_an_official_test_set_alone():
     out = split_dataset(samples, 0.8, 0.2, 0.0, seed=0, keep_test=True)
     assert [s.split for s in out[:20]] == ["test"] * 20
     assert Counter(s.split for s in out[20:]) == {"train": 48, "val": 12}
+
+
+def test_a_second_split_keeps_every_existing_row_and_assigns_only_new_ones():
+    # given a dataset split once, on which a model was trained and tested
+    first = split_dataset(generated({"ok": 120, "scratch": 60}), seed=0)
+    # when newly labelled frames arrive without a split and the split is run again
+    new = generated({"ok": 30, "scratch": 20, "dent": 9}, seed=7)
+    for s in new:
+        s.path = s.path.replace("images/", "images/new-")
+    again = split_dataset(first + new, seed=0)
+    # then no old row moved (the old test set stays the old test set)
+    assert [s.split for s in again[:len(first)]] == [s.split for s in first]
+    # and the new rows are split in the ratio among themselves, every class in every split
+    counts = Counter((s.label, s.split) for s in again[len(first):])
+    for label, n in {"ok": 30, "scratch": 20, "dent": 9}.items():
+        for split, r in (("train", 0.7), ("val", 0.15), ("test", 0.15)):
+            assert abs(counts[label, split] - r * n) <= 1, (label, split, counts)
+
+
+def test_reshuffle_moves_old_rows_and_the_changes_are_counted():
+    from visiond.data.split import split_changes
+
+    first = split_dataset(generated({"a": 60, "b": 60}), seed=0)
+    kept_only = split_dataset(first, seed=3)
+    assert split_changes(first, kept_only) == (120, 0, 0)
+    shuffled = split_dataset(first, seed=3, reshuffle=True)
+    kept, assigned, moved = split_changes(first, shuffled)
+    assert assigned == 0 and moved > 0 and kept + moved == 120
+
+
+def test_a_new_row_joins_the_split_its_group_already_sits_in():
+    samples = generated({"a": 40, "b": 40}, group_size=5)
+    first = split_dataset(samples, seed=0, group_by="session")
+    where = {s.extra["session"]: s.split for s in first}
+    late = [Sample(f"images/a/late{i}.png", "a", source="gen", extra={"session": "a-3"}) for i in range(4)]
+    again = split_dataset(first + late, seed=0, group_by="session")
+    assert {s.split for s in again[-4:]} == {where["a-3"]}
+    assert [s.split for s in again[:80]] == [s.split for s in first]
+
+
+def test_keep_test_never_sends_new_rows_to_test():
+    samples = generated({"a": 40, "b": 40})
+    for s in samples[:20]:
+        s.split = "test"
+    first = split_dataset(samples, 0.8, 0.2, 0.0, keep_test=True)
+    late = generated({"a": 10, "b": 10}, seed=3)
+    for s in late:
+        s.path = s.path.replace("images/", "images/late-")
+    again = split_dataset(first + late, 0.8, 0.2, 0.0, keep_test=True)
+    assert [s.split for s in again[:80]] == [s.split for s in first]
+    assert Counter(s.split for s in again[80:]) == {"train": 16, "val": 4}

@@ -78,15 +78,29 @@ def split_cmd(
     group_by: Optional[str] = typer.Option(
         None, help="Manifest column or metadata field whose groups never straddle splits (e.g. session)."),
     keep_test: bool = typer.Option(
-        False, help="Keep samples already in 'test' (e.g. an imported official test set); split the rest train:val."),
+        False, help="Send no sample to 'test' and keep those already there (e.g. an imported official test "
+                    "set); split the rest train:val."),
+    reshuffle: bool = typer.Option(
+        False, help="Reassign every sample, not only those without a split. Models trained before are then "
+                    "no longer comparable on the test split (their training images may become test images)."),
 ):
-    """Assign train/val/test, stratified per class, and rewrite the manifest."""
-    from visiond.data.split import split_dataset
+    """Assign train/val/test to samples without one (stratified per class) and rewrite the manifest.
 
-    samples = split_dataset(read_manifest(dataset_dir), train, val, test, seed=seed, group_by=group_by,
-                            keep_test=keep_test)
+    Samples that already have a split keep it, so a test image never becomes a training image.
+    """
+    from visiond.data.split import split_changes, split_dataset
+
+    before = read_manifest(dataset_dir)
+    samples = split_dataset(before, train, val, test, seed=seed, group_by=group_by, keep_test=keep_test,
+                            reshuffle=reshuffle)
     path = write_manifest(dataset_dir, samples)
     console.print(_counts_table(f"split written to {path}", _per_class_split(samples)))
+    kept, assigned, moved = split_changes(before, samples)
+    console.print(f"{kept} sample(s) kept their split, {assigned} new sample(s) assigned, {moved} moved")
+    if moved:
+        console.print(f"[yellow]--reshuffle moved {moved} sample(s) to another split: checkpoints trained before "
+                      "this are not comparable with new ones on the test split ('visiond compare' checks the "
+                      "overlap)")
 
 
 @dataset_app.command("stats")

@@ -1,14 +1,19 @@
-"""Train/val/test assignment: stratified per class, and group-aware when frames are related.
+"""Train/val/test assignment: stratified per class, group-aware when frames are related, and stable.
 
 Frames of one capture session (or one part, one time window) look almost the same; if
 they straddle train and test, the test accuracy measures memory, not generalisation.
 `group_by` keeps every group inside one split while still balancing each class.
+
+A split, once made, stays: a row that has a split keeps it, and only rows without one
+(newly labelled frames) are assigned, in the requested ratio among themselves. Moving
+an old row could put a model's training image into the test split and make an old
+model look better than it is; that needs `reshuffle=True`, on purpose.
 """
 
 from __future__ import annotations
 
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import replace
 
 from visiond.data.manifest import SPLITS, Sample, classes_of
@@ -95,24 +100,65 @@ def _grouped(samples: list[Sample], ratios, rng: random.Random, field: str) -> d
 
 
 def split_dataset(samples: list[Sample], train: float = 0.7, val: float = 0.15, test: float = 0.15,
-                  seed: int = 0, group_by: str | None = None, keep_test: bool = False) -> list[Sample]:
+                  seed: int = 0, group_by: str | None = None, keep_test: bool = False,
+                  reshuffle: bool = False) -> list[Sample]:
     """The same samples, in the same order, with `split` set; the seed makes it repeatable.
 
-    `keep_test` leaves samples already in 'test' there (an official test set such as
-    Fashion-MNIST's t10k) and divides the rest into train and val in the train:val ratio.
+    Rows that already have a split keep it; rows without one are assigned (stratified,
+    and with `group_by` a new row whose group already sits in a split joins it).
+    `reshuffle` reassigns every row instead. `keep_test` sends no row into 'test' and
+    leaves rows already there alone (an official test set such as Fashion-MNIST's
+    t10k), dividing the rest into train and val in the train:val ratio.
     """
     ratios = (train, val, test)
     _check_ratios(ratios)
     if not samples:
         raise UserError("the dataset has no samples to split")
     rng = random.Random(seed)
-    fixed = {i for i, s in enumerate(samples) if keep_test and s.split == "test"}
-    rest = [s for i, s in enumerate(samples) if i not in fixed]
-    if fixed:
-        if not rest or train + val <= 0:
+    if reshuffle:
+        fixed = {i for i, s in enumerate(samples) if keep_test and s.split == "test"}
+    else:
+        fixed = {i for i, s in enumerate(samples) if s.split}
+    if keep_test:
+        if train + val <= 0:
             raise UserError("--keep-test: nothing left to divide into train and val")
         ratios = (train / (train + val), val / (train + val), 0.0)
+    rest_idx = [i for i in range(len(samples)) if i not in fixed]
+    if keep_test and reshuffle and not rest_idx:
+        raise UserError("--keep-test: nothing left to divide into train and val")
+    out = [replace(s, extra=dict(s.extra)) for s in samples]
+    joined = _join_existing_groups(samples, fixed, rest_idx, group_by) if group_by and fixed else {}
+    for i, split in joined.items():
+        out[i].split = split
+    rest_idx = [i for i in rest_idx if i not in joined]
+    if not rest_idx:
+        return out
+    rest = [samples[i] for i in rest_idx]
     assign = _grouped(rest, ratios, rng, group_by) if group_by else _stratified(rest, ratios, rng)
-    splits = iter(assign[i] for i in range(len(rest)))
-    return [replace(s, split="test" if i in fixed else next(splits), extra=dict(s.extra))
-            for i, s in enumerate(samples)]
+    for k, i in enumerate(rest_idx):
+        out[i].split = assign[k]
+    return out
+
+
+def _join_existing_groups(samples: list[Sample], fixed: set[int], new: list[int], field: str) -> dict[int, str]:
+    """New rows whose group already has rows in a split go where that group is (its most common split)."""
+    placed: dict[str, Counter] = defaultdict(Counter)
+    for i in fixed:
+        key = samples[i].field_value(field)
+        if key:
+            placed[key][samples[i].split] += 1
+    return {i: placed[key].most_common(1)[0][0] for i in new
+            if (key := samples[i].field_value(field)) and key in placed}
+
+
+def split_changes(before: list[Sample], after: list[Sample]) -> tuple[int, int, int]:
+    """(kept, assigned, moved): rows that kept their split, rows newly given one, rows moved to another."""
+    kept = assigned = moved = 0
+    for b, a in zip(before, after):
+        if not b.split:
+            assigned += 1
+        elif b.split == a.split:
+            kept += 1
+        else:
+            moved += 1
+    return kept, assigned, moved

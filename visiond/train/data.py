@@ -13,7 +13,7 @@ import math
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -100,8 +100,7 @@ def _split_unsplit(samples: list[Sample], seed: int) -> list[Sample]:
         return samples
     log.warning("%d sample(s) have no split; assigning a stratified 70/15/15 split (seed %d) in memory "
                 "(use 'visiond dataset split' to fix it in the manifest)", len(unsplit), seed)
-    done = iter(split_dataset(unsplit, seed=seed) if len(unsplit) > 1 else [replace(unsplit[0], split="train")])
-    return [s if s.split else next(done) for s in samples]
+    return split_dataset(samples, seed=seed)  # rows with a split keep it
 
 
 def _carve_val(train: list[Sample], seed: int, fraction: float = 0.1) -> tuple[list[Sample], list[Sample]]:
