@@ -17,6 +17,11 @@ echo "system packages: installing$missing"
 SUDO=""
 if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -q || echo "apt-get update failed; trying with the cached package lists"
+# A fresh box often runs an unattended upgrade that holds the dpkg lock: wait for it (bounded), don't fail.
+LOCK_WAIT_S="${VISIOND_APT_LOCK_WAIT_S:-600}"
+LOCK="-o DPkg::Lock::Timeout=$LOCK_WAIT_S"
+echo "system packages: waiting up to $LOCK_WAIT_S s for the dpkg/apt lock if another apt is running"
 # shellcheck disable=SC2086
-$SUDO apt-get install -y -q --no-install-recommends $missing
+$SUDO apt-get $LOCK update -q || echo "apt-get update failed; trying with the cached package lists"
+# shellcheck disable=SC2086
+$SUDO apt-get $LOCK install -y -q --no-install-recommends $missing
