@@ -135,6 +135,17 @@ def test_weights_that_need_unpickling_or_do_not_fit_are_refused(small_shapes, tm
             train(quick(small_shapes, tmp_path / "x.ckpt", arch="mobilenet_v3_small", weights=path))
 
 
+def test_the_model_name_belongs_to_the_model_line_not_the_output_file(tmp_path):
+    data = tmp_path / "press 4 screws"
+    data.mkdir()
+    # a candidate file does not name the model; the dataset does, cleaned for topics and labels
+    assert quick(data, tmp_path / "candidate.ckpt").model_name() == "press-4-screws"
+    # an explicit --name wins and is checked
+    assert quick(data, tmp_path / "candidate.ckpt", name="screws").model_name() == "screws"
+    with pytest.raises(UserError, match="--name"):
+        quick(data, tmp_path / "c.ckpt", name="a/b").validate()
+
+
 def test_knn_baseline_trains_and_evaluates(shapes, tmp_path):
     # given the shapes dataset, when the knn baseline trains with the same command
     out = tmp_path / "knn.ckpt"
@@ -142,6 +153,7 @@ def test_knn_baseline_trains_and_evaluates(shapes, tmp_path):
     # then it is a checkpoint like any other, and evaluate scores it better than chance
     report = evaluate_checkpoint(EvaluateOptions(checkpoint=out, dataset=shapes, out=tmp_path / "eval"))
     assert load_checkpoint(out).arch == "knn"
+    assert load_checkpoint(out).name == shapes.name != "knn"
     assert report.metrics["accuracy"] > 0.5 and result.best_metrics["accuracy"] > 0.5
 
 
@@ -161,6 +173,9 @@ def test_init_from_grows_the_classes_and_keeps_the_old_head_rows(tmp_path):
     # and a real fine-tuning run ends with three classes
     train(quick(three, tmp_path / "three.ckpt", init_from=tmp_path / "two.ckpt", epochs=1))
     assert load_checkpoint(tmp_path / "three.ckpt").classes == ("circle", "square", "triangle")
+    # and the fine-tuned model keeps the model line's name, not its output file's
+    assert old.name == "two"
+    assert load_checkpoint(tmp_path / "three.ckpt").name == "two"
 
 
 def test_plain_class_folders_train_and_corrupt_files_are_skipped(tmp_path, caplog):

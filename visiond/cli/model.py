@@ -49,6 +49,8 @@ def train(
     workers: int = typer.Option(-1, help="DataLoader workers (-1: 0 on CPU, up to 8 on CUDA)."),
     knn_k: int = typer.Option(5, help="--arch knn: neighbours that vote."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Draw the per-epoch progress bar."),
+    name: str = typer.Option(None, help="Model name carried by every prediction (default: the --init-from "
+                                        "model's name, else the dataset folder's name; never the --out file's)."),
 ) -> None:
     """Train a classifier; the checkpoint carries classes, preprocessing and training metadata."""
     from visiond.data.augment import DEFAULT_PRESET
@@ -61,7 +63,7 @@ def train(
         weight_decay=weight_decay, optimizer=optimizer, scheduler=scheduler, label_smoothing=label_smoothing,
         class_weights=class_weights, early_stop=early_stop, monitor=monitor, augment=augment or DEFAULT_PRESET,
         resume=resume, init_from=init_from, seed=seed, device=device, workers=workers,
-        defect_classes=_csv(defect_classes), knn_k=knn_k, progress=progress)
+        defect_classes=_csv(defect_classes), knn_k=knn_k, progress=progress, name=name)
     result = run_training(opts)
     if result.is_main and result.best_metrics:
         figures = ", ".join(f"{k} {v:.4f}" for k, v in result.best_metrics.items() if isinstance(v, float))

@@ -7,6 +7,7 @@ tests build it directly, and `validate` fails before any work, naming the valid 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "step", "none")
 MONITORS = ("macro_f1", "accuracy")
 BASELINES = ("knn",)
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass
@@ -55,6 +57,7 @@ class TrainOptions:
     knn_k: int = 5
     knn_max_train: int = 10000
     progress: bool = True
+    name: str | None = None              # the model line's name; default: the init model's, else the dataset's
     extra_meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -90,11 +93,29 @@ class TrainOptions:
                   (self.out.suffix == ".ckpt", f"--out {self.out}: expected a file name ending in .ckpt"),
                   (self.device == "auto" or self.device == "cpu" or self.device.split(":")[0] == "cuda",
                    f"--device {self.device!r}: expected auto, cpu, cuda or cuda:N")]
+        if self.name is not None and not _MODEL_NAME.match(self.name):
+            checks.append((False, f"--name {self.name!r}: expected 1-64 letters, digits, '_', '.' or '-'"))
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"--device {self.device}: no CUDA device is available here; use auto or cpu")
+
+    def model_name(self) -> str:
+        """The name predictions and status/detail carry: a property of the model line, never of the
+        output file (a candidate.ckpt promoted into service is still the line's model; its version differs)."""
+        if self.name:
+            return self.name
+        if self.init_from is not None:
+            from visiond.models.checkpoint import read_header
+
+            inherited = str(read_header(self.init_from).get("name") or "")
+            if _MODEL_NAME.match(inherited):
+                return inherited
+        root = self.data.resolve()
+        stem = root.name if root.is_dir() else root.stem
+        cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-._")[:64]
+        return cleaned or "model"
 
     def to_json(self) -> dict:
         d = asdict(self)
