@@ -7,13 +7,21 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.visiond-installed
 DEPS_STAMP := $(VENV)/.system-deps-ok
 
-.PHONY: demo test bench deps venv clean lint
+.PHONY: demo test test-fast bench deps venv clean lint
 
 demo: venv
 	$(PY) tools/demo.py
 
-test: venv
+test: venv lint
 	$(PY) -m pytest -q
+
+# After every change: no visiond children, no training, no RTSP, no browser (tests/tiers.py).
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+lint: venv
+	$(VENV)/bin/lint-imports --no-logo
+	$(VENV)/bin/ruff check .
 
 bench: venv
 	$(VENV)/bin/visiond bench --json bench.json

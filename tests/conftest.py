@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import queue
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +25,10 @@ for _path in (ROOT, ROOT / "tests"):  # tools.* and mqtt_helpers import without 
 
 from mqtt_helpers import MqttRecorder  # noqa: E402
 from tools import synthline  # noqa: E402
+from visiond.harness.broker import Broker  # noqa: E402
+from visiond.harness.process import free_port, stop_process, wait_for_port  # noqa: E402, F401 (tests import them here)
+
+pytest_plugins = ["tiers"]  # marks the slow tests that `make test-fast` leaves out
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 RTSP_SERVER = ROOT / "tools" / "rtsp_server.py"
@@ -41,69 +43,16 @@ def require_binary(name: str, package: str) -> str:
     return path
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> bool:
-    """True once something accepts TCP connections on host:port; False on timeout or if proc died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            return False
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL if it does not exit in time."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
-
-
 @pytest.fixture(name="free_port")
 def free_port_fixture() -> int:
     return free_port()
 
 
-class Mosquitto:
-    """A private broker on 127.0.0.1; ``stop()`` then ``start()`` simulates an outage on the same port."""
-
-    host = "127.0.0.1"
+class Mosquitto(Broker):
+    """The harness's private broker, started as the tests start it (binary found by `require_binary`)."""
 
     def __init__(self, binary: str, workdir: Path):
-        self.binary, self.workdir = binary, workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-        self.conf = workdir / "mosquitto.conf"
-        self.log = workdir / "mosquitto.log"
-        self.conf.write_text(
-            f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
-            "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n"
-        )
-
-    def start(self, timeout: float = 10.0) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=log, stderr=log)
-        if not wait_for_port(self.host, self.port, timeout, self.proc):
-            self.stop()
-            pytest.fail(f"mosquitto did not listen on {self.host}:{self.port}: {self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
+        super().__init__(workdir, binary=binary)
 
 
 @pytest.fixture

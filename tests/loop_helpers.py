@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import paho.mqtt.client as paho
+import paho.mqtt.publish as paho_publish
 import pytest
 
 from tools import synthline
@@ -80,13 +83,8 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
 
 def publish(broker, topic: str, body: dict | str | bytes, qos: int = 1) -> None:
     """One message to the test broker, as an operator's tool would send a command."""
-    import json
-
-    import paho.mqtt.publish as single
-
     payload = body if isinstance(body, (str, bytes)) else json.dumps(body)
-    single.single(topic, payload, qos=qos, hostname=broker.host, port=broker.port,
-                  protocol=__import__("paho.mqtt.client", fromlist=["MQTTv5"]).MQTTv5)
+    paho_publish.single(topic, payload, qos=qos, hostname=broker.host, port=broker.port, protocol=paho.MQTTv5)
 
 
 def epoch(rfc3339: str) -> float:

@@ -31,7 +31,7 @@ def make_checkpoint(path: Path, arch: str, size: int, color: str = "rgb") -> Pat
 
 
 @pytest.mark.parametrize("arch,size,color", [("smallcnn", 48, "rgb"), ("smallcnn", 32, "gray"),
-                                             ("mobilenet_v3_small", 64, "rgb")])
+                                             pytest.param("mobilenet_v3_small", 64, "rgb", marks=pytest.mark.slow)])
 def test_onnx_export_matches_pytorch_and_carries_metadata(tmp_path, arch, size, color):
     # given a checkpoint
     ckpt = make_checkpoint(tmp_path / "m.ckpt", arch, size, color)

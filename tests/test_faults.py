@@ -1,4 +1,6 @@
-"""Issue 5's promises 1-8 against the real daemon, real Mosquitto and a real RTSP server.
+"""What the daemon promises under faults (no prediction lost to broker cuts or crashes, a frozen broker
+noticed, a bounded spool, stalled and dead cameras handled, a full capture disk counted), checked against the
+real daemon, real Mosquitto and a real RTSP server.
 
 A subscriber connected straight to the broker (never through the proxy) records
 every prediction seq; visiond reaches the broker through tools/tcpproxy.py where

@@ -23,7 +23,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from visiond.config import MqttConfig
 from visiond.frames import Frame, ModelRef, Prediction, Timings
 from visiond.serve.metrics import Metrics
-from visiond.serve.sinks.mqtt import MAX_COMMAND_BYTES, MqttSink, Topics, event_payload, prediction_payload
+from visiond.serve.sinks.mqtt import MAX_COMMAND_BYTES, MqttSink
+from visiond.serve.sinks.payloads import Topics, event_payload, prediction_payload
 from visiond.serve.sinks.spool import Spool
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,6 +35,7 @@ def test_onnxruntime_serves_the_same_probabilities_as_torch(ckpt_path, tmp_path)
     assert (got.argmax(1) == want.argmax(1)).all()
 
 
+@pytest.mark.slow  # three exports
 def test_the_export_is_cached_by_model_version_and_a_stale_or_corrupt_cache_is_replaced(ckpt_path, tmp_path):
     ckpt = load_checkpoint(ckpt_path)
     cache = tmp_path / "models"

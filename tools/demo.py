@@ -19,23 +19,19 @@ import time
 import urllib.request
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tools import synthline  # noqa: E402
-from visiond.harness.broker import start_private_broker  # noqa: E402
+from visiond.harness.broker import Broker  # noqa: E402
+from visiond.harness.process import free_port  # noqa: E402
+from visiond.harness.recorder import Recorder  # noqa: E402
 
 OUT = ROOT / "demo-out"
+NODE_TOPICS = ["visiond/demo-box/+/prediction", "visiond/demo-box/status", "visiond/demo-box/+/event"]
 console = Console()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def broker_reachable(host: str, port: int) -> bool:
@@ -94,31 +90,6 @@ metrics:
     return cfg
 
 
-class Subscriber:
-    def __init__(self, port: int):
-        self.predictions: list[dict] = []
-        self.status: list[str] = []
-        self.events: list[dict] = []
-        self._c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self._c.on_message = self._on_message
-        self._c.connect("127.0.0.1", port)
-        self._c.subscribe([("visiond/demo-box/+/prediction", 1), ("visiond/demo-box/status", 1),
-                           ("visiond/demo-box/+/event", 1)])
-        self._c.loop_start()
-
-    def _on_message(self, _c, _u, msg):
-        if msg.topic.endswith("/prediction"):
-            self.predictions.append(json.loads(msg.payload))
-        elif msg.topic.endswith("/event"):
-            self.events.append(json.loads(msg.payload))
-        else:
-            self.status.append(msg.payload.decode())
-
-    def close(self):
-        self._c.loop_stop()
-        self._c.disconnect()
-
-
 def scrape(port: int) -> str:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
@@ -144,15 +115,15 @@ def metric_summary(text: str) -> Table:
 
 def run_daemon(cfg: Path, port: int, metrics_port: int, truth: list[str]) -> int:
     console.print("[bold]4/4[/] visiond run (the video plays at 30 fps; Ctrl-C stops early)")
-    sub = Subscriber(port)
+    sub = Recorder("127.0.0.1", port, NODE_TOPICS).start()
     proc = subprocess.Popen([sys.executable, "-m", "visiond", "run", "--config", str(cfg)])
     last_metrics, shown = "", 0
     try:
         while proc.poll() is None:
             time.sleep(1)
             last_metrics = scrape(metrics_port) or last_metrics
-            preds = sub.predictions[shown:]
-            shown = len(sub.predictions)
+            preds = sub.json_payloads("/prediction")[shown:]
+            shown += len(preds)
             if preds:
                 p = preds[-1]
                 console.print(f"  seq={p['seq']:>5} {p['camera']} {p['label']:<8} score={p['score']:.3f} "
@@ -162,14 +133,14 @@ def run_daemon(cfg: Path, port: int, metrics_port: int, truth: list[str]) -> int
         proc.send_signal(signal.SIGINT)
     code = proc.wait(timeout=30)
     time.sleep(0.5)
-    sub.close()
+    sub.stop()
     report(sub, truth)
     console.print(metric_summary(last_metrics))
     return code
 
 
-def report(sub: Subscriber, truth: list[str]) -> None:
-    preds = sorted(sub.predictions, key=lambda p: p["seq"])
+def report(sub: Recorder, truth: list[str]) -> None:
+    preds = sorted(sub.json_payloads("/prediction"), key=lambda p: p["seq"])
     if not preds:
         console.print("[red]no predictions received[/]")
         return
@@ -178,7 +149,8 @@ def report(sub: Subscriber, truth: list[str]) -> None:
     n = min(len(preds), len(truth))
     console.print(f"\nreceived {len(preds)} predictions for {len(truth)} frames; "
                   f"accuracy against the line's ground truth: {right / max(n, 1):.1%}")
-    console.print(f"defect events: {len(sub.events)}; status messages seen: {sub.status}")
+    status = [m.payload.decode() for m in sub.messages("visiond/demo-box/status")]
+    console.print(f"defect events: {len(sub.json_payloads('/event'))}; status messages seen: {status}")
     console.print("one message as a subscriber sees it:")
     console.print_json(json.dumps(preds[len(preds) // 2]))
 
@@ -192,15 +164,15 @@ def main() -> int:
         port = 1883
         console.print("[bold]3/4[/] using the system MQTT broker on 127.0.0.1:1883")
     else:
-        broker, port = start_private_broker()
+        broker = Broker(options=["max_queued_messages 100000"]).start()
+        port = broker.port
         console.print(f"[bold]3/4[/] started a private mosquitto on 127.0.0.1:{port}")
     try:
         metrics_port = free_port()
         return run_daemon(write_config(ckpt, video, port, metrics_port), port, metrics_port, truth)
     finally:
         if broker:
-            broker.terminate()
-            broker.wait(timeout=5)
+            broker.close()
 
 
 if __name__ == "__main__":

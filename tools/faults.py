@@ -1,4 +1,5 @@
-"""The fault suite: issue 5's promises run end to end against the real daemon, one table out.
+"""The fault suite: what the daemon promises under faults (broker cuts, crashes, a frozen broker, a full spool,
+stalled or dead cameras, a full capture disk) run end to end against the real daemon, one table out.
 
     python tools/faults.py [--quick] [--only NAME ...] [--keep]
 
@@ -10,8 +11,9 @@ scenario the daemon stops and its spool is read, so "missing" means produced,
 not delivered and not waiting in the spool either. Outages last 20 s (3 s with
 --quick). Exit status 1 when any promise failed.
 
-The harness half of this file (SeqRecorder, spool_state, account, proc_sample)
-is shared with tests/test_faults.py.
+The broker, the subscriber and the child daemon come from visiond.harness; the
+accounting half of this file (SeqRecorder, spool_state, account, proc_sample) is
+shared with tests/test_faults.py.
 """
 
 from __future__ import annotations
@@ -21,25 +23,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-import paho.mqtt.client as paho
-import yaml
-from paho.mqtt.enums import CallbackAPIVersion
-from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
@@ -48,6 +42,10 @@ if str(ROOT) not in sys.path:  # run as a script: tools.* must import
     sys.path.insert(0, str(ROOT))
 
 from tools.tcpproxy import ProxyProcess  # noqa: E402
+from visiond.harness.broker import Broker  # noqa: E402
+from visiond.harness.child import DaemonProcess  # noqa: E402
+from visiond.harness.process import free_port  # noqa: E402
+from visiond.harness.recorder import Recorder  # noqa: E402
 
 PREDICTIONS = "visiond/+/+/prediction"
 
@@ -56,52 +54,29 @@ PREDICTIONS = "visiond/+/+/prediction"
 
 
 class SeqRecorder:
-    """Subscribes straight to the broker and keeps (seq, id, camera) of every prediction, in arrival order.
+    """(seq, id, camera) of every prediction, in arrival order, from a harness Recorder straight on the broker.
 
-    Reconnects by itself (fast) after a broker restart; `subscriptions` counts
-    SUBACKs, so a test can wait until the subscriber is back before letting
-    visiond through again.
+    The recorder reconnects by itself after a broker restart; `subscriptions`
+    counts its SUBACKs, so a scenario can wait until the subscriber is back
+    before letting visiond through again.
     """
 
     def __init__(self, host: str, port: int, topic_filter: str = PREDICTIONS):
-        self.host, self.port, self.topic_filter = host, port, topic_filter
-        self._lock = threading.Lock()
-        self._records: list[tuple[int, str, str]] = []
-        self.subscriptions = 0
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"faults-{uuid.uuid4().hex[:8]}",
-                                   protocol=paho.MQTTv5)
-        self._client.reconnect_delay_set(min_delay=0.2, max_delay=1)
-        self._client.on_connect = self._on_connect
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_message = self._on_message
+        self.recorder = Recorder(host, port, topic_filter)
 
     def start(self, timeout: float = 10.0) -> SeqRecorder:
-        self._client.connect(self.host, self.port, keepalive=30)
-        self._client.loop_start()
-        self.wait_for(lambda r: r.subscriptions >= 1, timeout, "the recorder's SUBACK")
+        self.recorder.start(timeout)
         return self
 
     def stop(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
+        self.recorder.stop()
 
-    def _on_connect(self, client, _userdata, _flags, reason_code, _properties) -> None:
-        if not reason_code.is_failure:
-            client.subscribe(self.topic_filter, qos=1)
-
-    def _on_subscribe(self, _client, _userdata, _mid, reason_codes, _properties) -> None:
-        if not any(code.is_failure for code in reason_codes):
-            with self._lock:
-                self.subscriptions += 1
-
-    def _on_message(self, _client, _userdata, msg) -> None:
-        doc = json.loads(msg.payload)
-        with self._lock:
-            self._records.append((int(doc["seq"]), str(doc["id"]), str(doc["camera"])))
+    @property
+    def subscriptions(self) -> int:
+        return self.recorder.subscriptions
 
     def records(self) -> list[tuple[int, str, str]]:
-        with self._lock:
-            return list(self._records)
+        return [(int(d["seq"]), str(d["id"]), str(d["camera"])) for d in self.recorder.json_payloads()]
 
     def seqs(self) -> list[int]:
         return [r[0] for r in self.records()]
@@ -115,11 +90,11 @@ class SeqRecorder:
     def wait_for(self, predicate: Callable[[SeqRecorder], bool], timeout: float, what: str = "condition") -> float:
         """Seconds it took; TimeoutError (with what arrived) if the predicate stays false."""
         start = time.monotonic()
-        while not predicate(self):
-            if time.monotonic() - start > timeout:
-                raise TimeoutError(f"{what}: not within {timeout:.0f} s ({self.count()} predictions received, "
-                                   f"max seq {self.max_seq()})")
-            time.sleep(0.05)
+        try:
+            self.recorder.wait_for(lambda _messages: predicate(self), timeout, what)
+        except TimeoutError:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s ({self.count()} predictions received, "
+                               f"max seq {self.max_seq()})") from None
         return time.monotonic() - start
 
 
@@ -226,133 +201,23 @@ MAX_INFLIGHT = 64
 DEMO_MODEL = ROOT / "demo-out" / "model.ckpt"
 
 
-def free_port() -> int:
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float) -> bool:
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
-def _until(condition: Callable[[], bool], timeout: float, what: str, every: float = 0.1) -> float:
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(every)
-    return time.monotonic() - start
-
-
 class Failed(Exception):
     """A promise did not hold; the message says how."""
 
 
-class Broker:
-    """A private mosquitto (persistence off) on a fixed port, so it can be killed and started again."""
-
-    def __init__(self, workdir: Path):
-
-        self.binary = shutil.which("mosquitto", path="/usr/sbin:/usr/bin:/usr/local/sbin") or "mosquitto"
-        self.port = free_port()
-        self.conf = workdir / "mosquitto.conf"
-        self.log = workdir / "mosquitto.log"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                             "max_queued_messages 0\n"  # a slow recorder must not lose messages to a queue bound
-                             "log_dest stderr\nlog_type error\nlog_type warning\n")
-        self.proc = None
-
-    def start(self) -> None:
-
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=log, stderr=log)
-        if not _wait_port(self.port, 10):
-            raise RuntimeError(f"mosquitto did not start: {self.log.read_text()[-500:]}")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def signal(self, sig: int) -> None:
-
-        os.kill(self.proc.pid, sig)
-
-
-class Visiond:
-    """`visiond run` as a child process from a config dict; optionally inside a wrapper command."""
+class Visiond(DaemonProcess):
+    """The harness's child daemon on node "faults", in `workdir/name`, with the suite's two spool questions."""
 
     def __init__(self, workdir: Path, name: str, cfg: dict, wrap: list[str] | None = None):
-
-
-        self.dir = workdir / name
-        self.dir.mkdir(parents=True, exist_ok=True)
         cfg.setdefault("node", "faults")
-        self.port = cfg.setdefault("metrics", {}).setdefault("port", free_port())
-        config = self.dir / "visiond.yaml"
-        config.write_text(yaml.safe_dump(cfg))
-        self.stderr_path = self.dir / "visiond.stderr"
-        with open(self.stderr_path, "wb") as err:
-            command = [*(wrap or []), sys.executable, "-m", "visiond", "run", "--config", str(config)]
-            self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def metric(self, name: str, **labels) -> float | None:
-
-
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-                text = r.read().decode()
-        except OSError:
-            return None
-        total = None
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name == name and all(s.labels.get(k) == str(v) for k, v in labels.items()):
-                    total = (total or 0.0) + s.value
-        return total
-
-    def until(self, condition: Callable[[], bool], timeout: float, what: str, every: float = 0.1) -> float:
-        def check() -> bool:
-            if self.proc.poll() is not None:
-                raise Failed(f"visiond exited ({self.proc.returncode}) waiting for {what}: {self.stderr[-600:]}")
-            return condition()
-        return _until(check, timeout, what, every)
+        super().__init__(workdir / name, cfg, wrap=wrap, cwd=ROOT)
 
     def drained(self) -> bool:
-        return self.metric("visiond_mqtt_connected") == 1 and (self.metric("visiond_spool_messages") or 0) <= 10
+        """Connected, and the spool down to what a steady 30 fps keeps in flight."""
+        return self.metric("visiond_mqtt_connected") == 1 and self.spooled() <= 10
 
     def spooled(self) -> float:
         return self.metric("visiond_spool_messages") or 0
-
-    def stop(self, timeout: float = 40) -> int:
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise Failed(f"visiond did not stop within {timeout} s")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @dataclass
@@ -401,7 +266,7 @@ class Suite:
         return v
 
     def recorder(self) -> SeqRecorder:
-        rec = SeqRecorder("127.0.0.1", self.broker.port).start()
+        rec = SeqRecorder(self.broker.host, self.broker.port).start()
         self.procs.append(rec)
         return rec
 
@@ -419,7 +284,7 @@ class Suite:
         for p in reversed(self.procs):
             try:
                 if isinstance(p, Visiond):
-                    p.kill()
+                    p.close()
                 else:
                     p.stop()
             except Exception as exc:  # one stuck part must not leave the others running
@@ -540,13 +405,13 @@ def frozen_broker(s: Suite) -> Row:
     rec = s.recorder()
     v = s.visiond("frozen", s.cfg(s.broker.port, [s.file_cam()], "frozen-spool"))
     rec.wait_for(lambda r: r.count() >= 30, 120, "first predictions")
-    s.broker.signal(signal.SIGSTOP)
+    s.broker.proc.send_signal(signal.SIGSTOP)
     try:
         frozen = time.monotonic()
         noticed = v.until(lambda: v.metric("visiond_mqtt_connected") == 0, 20, "connected 0", every=0.05)
         time.sleep(max(0.0, max(s.outage_s, limit + 1) - (time.monotonic() - frozen)))
     finally:
-        s.broker.signal(signal.SIGCONT)
+        s.broker.proc.send_signal(signal.SIGCONT)
     drained = v.until(v.drained, 120, "drained after SIGCONT")
     row.recovery = f"noticed {noticed:.1f}s; drained {drained:.1f}s"
     _delivery_row(row, s.finish(v, rec, "frozen-spool"))
@@ -593,7 +458,7 @@ def stalled_camera(s: Suite, rtsp_url: str, rtsp_proc) -> Row:
               "beside a file camera",
               f"source_up 0 within {read_timeout + 2:.0f} s, status says why; other camera publishes; resumes")
     rec = s.recorder()
-    status = StatusWatcher("127.0.0.1", s.broker.port, "visiond/faults/rtsp/status")
+    status = Recorder(s.broker.host, s.broker.port, "visiond/faults/rtsp/status").start()
     s.procs.append(status)
     rtsp = {"name": "rtsp", "source": rtsp_url, "roi": list(s.roi), "read_timeout_s": read_timeout,
             "open_timeout_s": 2}
@@ -611,7 +476,7 @@ def stalled_camera(s: Suite, rtsp_url: str, rtsp_proc) -> Row:
         rtsp_proc.send_signal(signal.SIGCONT)
     frames = rec.count("rtsp")
     resumed = rec.wait_for(lambda r: r.count("rtsp") >= frames + 10, 90, "rtsp frames after SIGCONT")
-    why = status.last_reason()
+    why = stall_reason(status)
     row.received = f"source_up 0 after {noticed:.1f}s; status '{why}'; file camera +{during} during the stall"
     row.recovery = f"{resumed:.1f}s after SIGCONT"
     row.ok = noticed <= read_timeout + 2 and during >= 15 * stall_s and "stalled" in why \
@@ -619,25 +484,11 @@ def stalled_camera(s: Suite, rtsp_url: str, rtsp_proc) -> Row:
     return row
 
 
-class StatusWatcher:
-    """Keeps the reasons posted on one retained camera status topic."""
-
-    def __init__(self, host: str, port: int, topic: str):
-        self._reasons: list[str] = []
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-        self._client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
-        self._client.on_message = lambda c, u, m: self._reasons.append(
-            f"{json.loads(m.payload)['state']}: {json.loads(m.payload)['reason']}")
-        self._client.connect(host, port)
-        self._client.loop_start()
-
-    def last_reason(self) -> str:
-        offline = [r for r in self._reasons if r.startswith("offline") and "stalled" in r]
-        return offline[-1] if offline else (self._reasons[-1] if self._reasons else "")
-
-    def stop(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
+def stall_reason(status: Recorder) -> str:
+    """The last "offline: stalled ..." a camera's status topic posted, else its last state and reason."""
+    reasons = [f"{d['state']}: {d['reason']}" for d in status.json_payloads()]
+    offline = [r for r in reasons if r.startswith("offline") and "stalled" in r]
+    return offline[-1] if offline else (reasons[-1] if reasons else "")
 
 
 def dead_camera(s: Suite) -> Row:
@@ -720,8 +571,8 @@ def _prepare(s: Suite) -> None:
 
     console = Console(stderr=True)
     s.video, s.roi, s.model = line_video_and_model(s.workdir, lambda m: console.print(f"faults: {m}"))
-    s.broker = Broker(s.workdir)
-    s.broker.start()
+    # max_queued_messages 0: a slow recorder must not lose messages to the broker's queue bound
+    s.broker = Broker(s.workdir, options=["max_queued_messages 0"]).start()
     s.proxy = ProxyProcess("127.0.0.1", s.broker.port)
 
 
@@ -758,7 +609,7 @@ def _run_one(s: Suite, name: str) -> Row:
 def main(argv: list[str] | None = None) -> int:
 
 
-    parser = argparse.ArgumentParser(description="Run issue 5's fault scenarios against the real daemon.")
+    parser = argparse.ArgumentParser(description="Run the fault scenarios against the real daemon.")
     parser.add_argument("--quick", action="store_true", help="3 s outages instead of 20 s")
     parser.add_argument("--only", nargs="+", choices=SCENARIOS, help="run only these scenarios")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, spools)")
@@ -789,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         if s.proxy is not None:
             s.proxy.stop()
         if s.broker is not None:
-            s.broker.kill()  # the one running now (a killed one was restarted as a new process)
+            s.broker.stop()  # the one running now (a killed one was restarted as a new process)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     table = Table(title=f"visiond fault suite ({'quick' if args.quick else 'full'}, "

@@ -1,4 +1,4 @@
-"""Soak: visiond at twice its throughput with the broker unreachable, for minutes (issue 5, promise 5).
+"""Soak: visiond at twice its throughput with the broker unreachable, for minutes: spool and memory stay bounded.
 
     python tools/soak.py [--minutes 10] [--spool-max 10000]
 
@@ -29,7 +29,9 @@ if str(ROOT) not in sys.path:
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from tools.faults import Visiond, free_port, line_video_and_model, proc_sample  # noqa: E402
+from tools.faults import line_video_and_model, proc_sample  # noqa: E402
+from visiond.harness.child import DaemonProcess  # noqa: E402
+from visiond.harness.process import free_port  # noqa: E402
 
 console = Console(width=140)
 
@@ -44,13 +46,14 @@ def _cfg(model: Path, video: Path, roi, cameras: list[tuple[str, float, str]], s
             "spool": {"dir": str(spool), "max_messages": spool_max}}
 
 
-def _predictions(v: Visiond) -> float:
+def _predictions(v: DaemonProcess) -> float:
     return v.metric("visiond_predictions_total") or 0.0
 
 
 def calibrate(workdir: Path, model: Path, video: Path, roi, seconds: float = 20.0) -> float:
     """Predictions per second of the saturated daemon (after a warm-up)."""
-    v = Visiond(workdir, "calibrate", _cfg(model, video, roi, [("cal", 0, "every")], workdir / "cal-spool", 1000))
+    cfg = _cfg(model, video, roi, [("cal", 0, "every")], workdir / "cal-spool", 1000)
+    v = DaemonProcess(workdir / "calibrate", cfg, cwd=ROOT)
     try:
         v.until(lambda: _predictions(v) >= 200, 120, "warm-up")
         n0, t0 = _predictions(v), time.monotonic()
@@ -58,6 +61,7 @@ def calibrate(workdir: Path, model: Path, video: Path, roi, seconds: float = 20.
         rate = (_predictions(v) - n0) / (time.monotonic() - t0)
     finally:
         v.stop()
+        v.close()
     return rate
 
 
@@ -65,7 +69,7 @@ def soak(workdir: Path, model: Path, video: Path, roi, rate: float, minutes: flo
     per_camera = round(rate, 1)
     cfg = _cfg(model, video, roi, [("soak1", per_camera, "latest"), ("soak2", per_camera, "latest")],
                workdir / "soak-spool", spool_max)
-    v = Visiond(workdir, "soak", cfg)
+    v = DaemonProcess(workdir / "soak", cfg, cwd=ROOT)
     table = Table(title=f"soak: 2 cameras x {per_camera} fps offered (2 x the saturated {rate:.0f}/s), "
                         f"broker unreachable, spool bound {spool_max}")
     for col in ("t", "RSS MiB", "anon MiB", "threads", "fds", "captured/s", "classified/s", "queue drops",
@@ -103,7 +107,7 @@ def soak(workdir: Path, model: Path, video: Path, roi, rate: float, minutes: flo
             time.sleep(min(60.0, max(1.0, minutes * 60 / 10), end - now))
         code = v.stop()
     finally:
-        v.kill()
+        v.close()
     console.print(table)
     first = rows[1] if len(rows) > 2 else rows[0]  # the first minute: caches, allocator and spool warmed up
     rss_limit = first["rss"] + 64

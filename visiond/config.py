@@ -25,6 +25,7 @@ _PLACEHOLDER = re.compile(r"\$\{(VISIOND_[A-Z0-9_]+)(?::-([^}]*))?\}")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAX_CONFIG_BYTES = 1024 * 1024  # a config is a page of YAML; more is a mistake or an attack
 MAX_CONFIG_VALUES = 100_000  # after alias expansion: stops a "billion laughs" before it is walked
+RESERVED_CAMERA_NAMES = frozenset({"status", "cmd"})  # node-level MQTT topics a camera name would collide with
 
 
 class ConfigError(Exception):
@@ -80,7 +81,7 @@ class CameraConfig(_Model):
     @field_validator("name")
     @classmethod
     def _not_reserved(cls, v: str):
-        if v in ("status", "cmd"):
+        if v in RESERVED_CAMERA_NAMES:
             raise ValueError(f"a name other than {v!r}, which is a node-level MQTT topic")
         return v
 

@@ -40,14 +40,18 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """visiond: camera -> CNN -> MQTT + Prometheus."""
 
 
-for _name in _COMMAND_MODULES:
-    try:
-        _mod = importlib.import_module(_name)
-    except ModuleNotFoundError as exc:  # a sub-command module not written yet must not break the others
-        if exc.name != _name:
-            raise
-        continue
-    _mod.register(app)
+def register_commands(target: typer.Typer, modules: tuple[str, ...] = _COMMAND_MODULES) -> None:
+    """Every command group, or an ImportError naming the module: a group that fails to import is a broken
+    install, and `visiond` without it would hide that behind "No such command"."""
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            raise ImportError(f"visiond: the commands in {name} cannot be loaded: {exc}", name=name) from exc
+        module.register(target)
+
+
+register_commands(app)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from visiond.errors import UserError
+
 console = Console(width=None if sys.stdout.isatty() else 160)  # piped: keep the table's columns on one line
 
 
@@ -56,19 +58,40 @@ def compare(
 
 
 def promote(
-    checkpoint: Path = typer.Argument(..., help="The checkpoint to put into service."),
-    to: Path = typer.Option(..., "--to", help="Where the daemon's model.checkpoint points; the old one becomes PATH.prev."),
+    checkpoint: Optional[Path] = typer.Argument(None, help="The checkpoint to put into service (not with --rollback)."),
+    to: Optional[Path] = typer.Option(None, "--to", help="Where the daemon's model.checkpoint points "
+                                                          "(default: model.checkpoint of --config)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c",
-                                          help="Also check it against this daemon config (decide classes)."),
-    keep_previous: bool = typer.Option(True, "--keep-previous/--no-keep-previous", help="Keep the old model as PATH.prev."),
+                                          help="The daemon's config: check the model against it (decide classes) "
+                                               "and install where it points."),
+    keep: int = typer.Option(3, help="Backups of replaced models to keep: PATH.prev, PATH.prev.2, ..."),
+    rollback: bool = typer.Option(False, "--rollback", help="Put PATH.prev (the last good model) back into service."),
     device: str = typer.Option("cpu", help="Device for the validation batch."),
 ) -> None:
-    """Validate a checkpoint (load, build, one dummy batch) and install it atomically; the daemon reloads it."""
-    from visiond.models.promote import promote as run_promote
+    """Validate a checkpoint (load, build, one dummy batch) and install it atomically; the daemon reloads it.
 
-    r = run_promote(checkpoint, to, config=config, device=device, keep_previous=keep_previous)
-    typer.echo(f"{r.path}: now version {r.version}"
-               + (f" (previous {r.previous_version} kept as {r.previous})" if r.previous else ""))
+    The model replaced is kept as PATH.prev only if it loads; the installed file gets the mode and
+    owner of the one it replaces, and must be readable by the owner of its directory (the service).
+    """
+    from visiond.models import promote as p
+
+    if to is None and config is None:
+        raise UserError("promote: --to PATH or --config FILE is needed to know where the daemon loads its model")
+    target = to if to is not None else p.config_target(config)
+    if rollback:
+        if checkpoint is not None:
+            raise UserError("promote --rollback takes no checkpoint: it puts PATH.prev back")
+        r = p.rollback(target, config=config, device=device)
+        typer.echo(f"{r.path}: rolled back to version {r.version}"
+                   + (f" ({len(p.backups(target))} older backup(s) left, newest {r.previous})" if r.previous else
+                      " (no older backup left)"))
+        return
+    if checkpoint is None:
+        raise UserError("promote: expected a CHECKPOINT to install (or --rollback)")
+    r = p.promote(checkpoint, target, config=config, device=device, keep=keep)
+    kept = (f" (previous {r.previous_version} kept as {r.previous})" if r.previous else
+            f" (the file it replaced did not load, so it was not kept: {r.not_kept})" if r.not_kept else "")
+    typer.echo(f"{r.path}: now version {r.version}{kept}")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,7 +1,15 @@
-"""`visiond run`, `visiond config check` and `visiond bench`."""
+"""`visiond run`, `visiond config check` and `visiond bench`.
+
+`visiond bench` with no video or model makes its own: the synthetic line and a small CNN
+trained on its crops. That is done here, where both halves may be used (the daemon's
+bench never imports training), once into a cache directory that later runs reuse.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import typer
@@ -23,8 +31,7 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="The daemon's YA
                                     readable=False)) -> None:  # load_config says why in one line
     """Run the daemon: cameras -> model -> MQTT + /metrics, until SIGTERM/SIGINT or all files end."""
     cfg = _load(config)
-    from visiond.logs import setup_logging
-    from visiond.logs import capture_native_stderr
+    from visiond.logs import capture_native_stderr, setup_logging
 
     capture_native_stderr()  # FFmpeg/OpenCV lines become (coalesced, redacted) log records
     setup_logging(cfg.logging.level, cfg.logging.json_)
@@ -41,9 +48,100 @@ def check(file: Path = typer.Argument(..., help="Config file to validate.", read
     typer.echo(f"{file}: ok (node {cfg.node}, {len(cfg.cameras)} camera(s), checkpoint {cfg.model.checkpoint})")
 
 
+# The default inputs of `visiond bench`; change one and bump the directory name so caches rebuild.
+BENCH_INPUTS = "synthline-v1"
+_BENCH_VIDEO_FRAMES, _BENCH_VIDEO_SEED = 300, 7  # 10 s at 30 fps, looped by every measurement
+_BENCH_CROPS_PER_CLASS, _BENCH_CROPS_SEED, _BENCH_EPOCHS = 100, 11, 5  # a model for timing, not for accuracy
+
+
+def bench_cache_dir() -> Path:
+    """Where the default bench inputs live: $XDG_CACHE_HOME/visiond/bench (~/.cache when unset)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "visiond" / "bench" / BENCH_INPUTS
+
+
+def _progress():
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True))
+
+
+def _bench_video(cache: Path) -> Path:
+    """The synthetic line as an H.264 video, rendered once (into a temporary name, then renamed)."""
+    from visiond.errors import UserError
+    from visiond.harness import synthline
+
+    video = cache / "line.mp4"
+    if video.exists():
+        return video
+    work = Path(tempfile.mkdtemp(prefix="render-", dir=cache))
+    try:
+        with _progress() as bar:
+            task = bar.add_task("rendering the synthetic line", total=_BENCH_VIDEO_FRAMES)
+            truth = synthline.render_video(work / video.name, _BENCH_VIDEO_FRAMES, _BENCH_VIDEO_SEED,
+                                           on_frame=lambda: bar.advance(task))
+        os.replace(truth, synthline.truth_path(video))
+        os.replace(work / video.name, video)  # last: the video's presence says both files are whole
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UserError(f"bench: cannot render the default video: {exc} (or pass --video)") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return video
+
+
+def _bench_checkpoint(cache: Path) -> Path:
+    """A smallcnn trained on the synthetic line's crops, once; the checkpoint appears only when training ends."""
+    import logging
+
+    from visiond.harness import synthline
+    from visiond.train.loop import TrainOptions, train as run_training
+
+    checkpoint = cache / "model.ckpt"
+    if checkpoint.exists():
+        return checkpoint
+    work = Path(tempfile.mkdtemp(prefix="train-", dir=cache))
+    try:
+        with _progress() as bar:
+            task = bar.add_task("rendering labelled crops", total=_BENCH_CROPS_PER_CLASS * len(synthline.CLASSES))
+            synthline.render_images(work / "synthline", _BENCH_CROPS_PER_CLASS, _BENCH_CROPS_SEED, size=64,
+                                    on_image=lambda: bar.advance(task))
+        logging.getLogger("visiond.train.data").setLevel(logging.ERROR)  # unsplit crops: the in-memory split is intended
+        result = run_training(TrainOptions(data=work / "synthline", out=work / "model.ckpt", arch="smallcnn",
+                                           epochs=_BENCH_EPOCHS, image_size=64, augment="none", seed=1,
+                                           defect_classes=("scratch", "spot")))
+        os.replace(result.best, checkpoint)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return checkpoint
+
+
+def bench_inputs(video: Path | None, checkpoint: Path | None) -> tuple[Path, Path]:
+    """The video and model to measure: the ones given, else the cached synthetic defaults (made if missing)."""
+    from rich.console import Console
+
+    from visiond.errors import UserError
+
+    for what, given in (("--video", video), ("--checkpoint", checkpoint)):
+        if given is not None and not given.exists():  # before minutes of making the other one
+            raise UserError(f"{what} {given}: not found")
+    if video is not None and checkpoint is not None:
+        return video, checkpoint
+    cache = bench_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    wanted = [name for name, given in (("line.mp4", video), ("model.ckpt", checkpoint)) if given is None]
+    missing = [name for name in wanted if not (cache / name).exists()]
+    if missing:
+        Console(stderr=True).print(f"bench: making {' and '.join(missing)} in {cache} (once; later runs reuse them)")
+    return video or _bench_video(cache), checkpoint or _bench_checkpoint(cache)
+
+
 def bench(
-    video: Path = typer.Option(None, "--video", help="H.264 video to read (default: a synthetic line)."),
-    checkpoint: Path = typer.Option(None, "--checkpoint", help="Model (default: a smallcnn trained on the fly)."),
+    video: Path = typer.Option(None, "--video", help="H.264 video to read (default: a synthetic line, rendered once "
+                                                     "and cached in ~/.cache/visiond/bench)."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="Model (default: a smallcnn trained on the fly on the "
+                                                               "synthetic line's crops, cached beside it)."),
     json_out: Path = typer.Option(None, "--json", help="Write the figures as JSON here."),
     frames: int = typer.Option(1500, help="Frames per measurement."),
     max_batch: int = typer.Option(16, help="Largest batch to try."),
@@ -53,12 +151,13 @@ def bench(
     runtime: str = typer.Option("torch", help="Model runtime for every run: torch or onnxruntime (CPU)."),
 ) -> None:
     """Measure decode, model, a naive per-frame loop and the daemon pipeline on one video."""
-    from visiond.serve.bench import BenchOptions, run_bench
     from visiond.errors import UserError
+    from visiond.serve.bench import BenchOptions, run_bench
 
     if runtime not in ("torch", "onnxruntime"):
         raise UserError(f"--runtime {runtime!r}: expected torch or onnxruntime")
 
+    video, checkpoint = bench_inputs(video, checkpoint)
     run_bench(BenchOptions(video=video, checkpoint=checkpoint, json_out=json_out, frames=frames, max_batch=max_batch,
                            broker=broker, realtime_fps=realtime_fps, realtime_seconds=realtime_seconds,
                            runtime=runtime))

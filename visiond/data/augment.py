@@ -9,7 +9,7 @@ normalisation step stays the same as the daemon's.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -164,8 +164,3 @@ def augment_preview(dataset_dir: str | Path, out_png: str | Path, preset: str | 
     if not tiles:
         raise UserError(f"{dataset_dir}: no readable images to preview")
     return contact_sheet_images(tiles, out_png, columns=variants + 1)
-
-
-def with_overrides(cfg: AugmentConfig, **changes) -> AugmentConfig:
-    """A preset with some knobs changed (None values are ignored), for CLI options."""
-    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})

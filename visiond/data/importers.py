@@ -26,9 +26,9 @@ import numpy as np
 import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from visiond.data.manifest import (IMAGE_EXTS, MANIFEST_NAME, Sample, add_image, decode_image, read_manifest,
-                                   write_manifest)
+from visiond.data.manifest import MANIFEST_NAME, Sample, add_image, decode_image, read_manifest, write_manifest
 from visiond.errors import UserError
+from visiond.video import is_image_path
 
 FASHION_MNIST_CLASSES = ("t-shirt_top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle_boot")
@@ -84,7 +84,7 @@ def _file_item(path: Path, label: str, ref: str, **kw) -> Item:
 
 
 def _images_under(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    return sorted(p for p in root.rglob("*") if is_image_path(p) and p.is_file())
 
 
 def _need_dir(src: Path, what: str) -> Path:
@@ -366,7 +366,7 @@ def _voc_image(src: Path, xml_path: Path, filename: str) -> Path:
         if (d / filename).is_file():
             return d / filename
     stem = Path(filename).stem
-    near = [p for p in xml_path.parent.glob(f"{stem}.*") if p.suffix.lower() in IMAGE_EXTS]
+    near = [p for p in xml_path.parent.glob(f"{stem}.*") if is_image_path(p)]
     return near[0] if near else xml_path.parent / filename
 
 

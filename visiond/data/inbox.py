@@ -30,7 +30,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -38,10 +37,11 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from visiond.data import phash as ph
-from visiond.data.manifest import (DISCARDED_DIR, IMAGES_DIR, INBOX_DIR, SPLITS, Sample, atomic_write_bytes,
-                                   encode_image, fsync_dir, manifest_path, read_manifest, sha256_bytes, validate_label,
-                                   write_manifest)
+from visiond.data.manifest import (DISCARDED_DIR, IMAGES_DIR, INBOX_DIR, SPLITS, Sample, encode_image, manifest_path,
+                                   read_manifest, sha256_bytes, validate_label, write_manifest)
 from visiond.errors import UserError
+from visiond.fsutil import atomic_copy, atomic_write, fsync_dir
+from visiond.timefmt import rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,6 @@ def validate_item_id(item_id: str) -> str:
     return item_id
 
 
-def rfc3339(ts: float) -> str:
-    """UTC with microseconds and a Z, like the MQTT payloads."""
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def _parse_time(value: Any) -> tuple[float, str]:
     if value is None:
         now = dt.datetime.now(dt.timezone.utc).timestamp()
@@ -168,9 +163,9 @@ def write_inbox_item(dataset_dir: str | Path, image_bgr: np.ndarray, meta: Mappi
                      width=int(image_bgr.shape[1]), height=int(image_bgr.shape[0]),
                      image_path=directory / f"{item_id}{IMAGE_SUFFIX}",
                      sidecar_path=directory / f"{item_id}{SIDECAR_SUFFIX}")
-    atomic_write_bytes(item.image_path, data)
+    atomic_write(item.image_path, data)
     try:
-        atomic_write_bytes(item.sidecar_path, json.dumps(item.to_json(), indent=1).encode())
+        atomic_write(item.sidecar_path, json.dumps(item.to_json(), indent=1).encode())
     except BaseException:
         item.image_path.unlink(missing_ok=True)
         raise
@@ -249,18 +244,14 @@ def _read_or_empty(dataset_dir: Path) -> list[Sample]:
 
 
 def _place_image(src: Path, dst: Path) -> None:
-    """Hard link (same file system: instant, atomic), else copy to a temp file + rename."""
+    """Hard link (same file system: instant, atomic), else an atomic copy."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists():
         return  # content-addressed name: the same bytes are already there
     try:
         os.link(src, dst)
     except OSError:
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
+        atomic_copy(src, dst)
 
 
 def accept_inbox_item(dataset_dir: str | Path, item_id: str, label: str, *, split: str = "") -> Sample:
@@ -330,8 +321,8 @@ def return_to_inbox(dataset_dir: str | Path, item_id: str) -> InboxItem:
                          sha256=s.sha256, phash=s.extra.get("phash", ""), rule=s.extra.get("rule", ""), prediction=pred,
                          width=0 if img is None else int(img.shape[1]), height=0 if img is None else int(img.shape[0]),
                          image_path=image_path, sidecar_path=sidecar_path)
-        atomic_write_bytes(image_path, data)
-        atomic_write_bytes(sidecar_path, json.dumps(item.to_json(), indent=1).encode())
+        atomic_write(image_path, data)
+        atomic_write(sidecar_path, json.dumps(item.to_json(), indent=1).encode())
         remaining = [x for x in samples if x is not s]
         write_manifest(dataset_dir, remaining)
         if not any(x.path == s.path for x in remaining):

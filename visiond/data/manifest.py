@@ -11,9 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 import re
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,6 +22,7 @@ import cv2
 import numpy as np
 
 from visiond.errors import UserError
+from visiond.fsutil import atomic_write_text
 
 MANIFEST_NAME = "manifest.csv"
 IMAGES_DIR = "images"
@@ -31,7 +30,6 @@ INBOX_DIR = "inbox"
 DISCARDED_DIR = "discarded"  # frames thrown out on the labelling page; never trained on
 COLUMNS = ("path", "label", "split", "source", "captured_at", "sha256")
 SPLITS = ("train", "val", "test")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _BAD_LABEL_RE = re.compile(r"[/\\\x00-\x1f]")
 
@@ -154,37 +152,8 @@ def write_manifest(dataset_dir: str | Path, samples: list[Sample]) -> Path:
         w.writerow([s.path, s.label, s.split, s.source, s.captured_at, s.sha256]
                    + [s.extra.get(k, "") for k in extras])
     target = manifest_path(dataset_dir)
-    atomic_write_bytes(target, buf.getvalue().encode("utf-8"))
+    atomic_write_text(target, buf.getvalue())
     return target
-
-
-def atomic_write_bytes(target: Path, data: bytes) -> None:
-    """temp file beside the target + fsync + rename + fsync of the directory."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable (best effort: some file systems refuse)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def classes_of(samples: Iterable[Sample]) -> list[str]:

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import random
 import statistics
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from visiond.data.manifest import SPLITS, Sample, atomic_write_bytes, check_images, classes_of, load_image
+from visiond.data.manifest import SPLITS, Sample, check_images, classes_of, load_image
 from visiond.errors import UserError
+from visiond.fsutil import atomic_write
 
 IMBALANCE_RATIO = 5.0
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -143,7 +143,7 @@ def contact_sheet_images(images: list[tuple[np.ndarray, str]], out_png: str | Pa
         raise UserError(f"{out_png}: cannot encode the contact sheet")
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_png, buf.tobytes())
+    atomic_write(out_png, buf.tobytes())
     return out_png
 
 
@@ -167,8 +167,3 @@ def contact_sheet(dataset_dir: str | Path, samples: list[Sample], out_png: str |
     if not any(cap for _, cap in tiles):
         raise UserError(f"{dataset_dir}: no readable images for a contact sheet")
     return contact_sheet_images(tiles, out_png, columns=per_class)
-
-
-def split_counts(samples: list[Sample]) -> Counter:
-    """Images per split ('' = unsplit)."""
-    return Counter(s.split for s in samples)

@@ -1,2 +1,2 @@
 """Real parts for tests, tools and `visiond bench`: a private Mosquitto broker, an MQTT
-recorder and a child daemon, shared so there is one way to start each."""
+recorder, a child daemon and the synthetic line, shared so there is one way to make each."""

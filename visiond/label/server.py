@@ -22,9 +22,10 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 from urllib.parse import unquote, urlsplit
 
-from visiond.data.manifest import IMAGE_EXTS, IMAGES_DIR, INBOX_DIR
+from visiond.data.manifest import IMAGES_DIR, INBOX_DIR
 from visiond.errors import UserError
 from visiond.label.session import LabelSession, NotFound
+from visiond.video import is_image_path
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def resolve_dataset_file(root: Path, url_path: str) -> Path:
     p = PurePosixPath(rel)
     if not rel or "\\" in rel or "\x00" in rel or p.is_absolute() or ".." in p.parts:
         raise PermissionError("not a relative path inside the dataset")
-    if len(p.parts) < 2 or p.parts[0] not in (INBOX_DIR, IMAGES_DIR) or p.suffix.lower() not in IMAGE_EXTS:
+    if len(p.parts) < 2 or p.parts[0] not in (INBOX_DIR, IMAGES_DIR) or not is_image_path(p):
         raise PermissionError("not an image under inbox/ or images/")
     base = root.resolve() / p.parts[0]
     try:

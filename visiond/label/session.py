@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from visiond.data import inbox
-from visiond.data.manifest import atomic_write_bytes, classes_of, manifest_path, read_manifest, validate_label
+from visiond.data.manifest import classes_of, manifest_path, read_manifest, validate_label
 from visiond.errors import UserError
+from visiond.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +231,8 @@ class LabelSession:
                 data = (self.dataset_dir / acc.path).read_bytes()
             except FileNotFoundError:
                 raise NotFound(f"inbox item {acc.item_id!r}: its image {acc.path} is gone from the dataset") from None
-            atomic_write_bytes(directory / f"{acc.item_id}{inbox.IMAGE_SUFFIX}", data)
-            atomic_write_bytes(directory / f"{acc.item_id}{inbox.SIDECAR_SUFFIX}", acc.sidecar)
+            atomic_write(directory / f"{acc.item_id}{inbox.IMAGE_SUFFIX}", data)
+            atomic_write(directory / f"{acc.item_id}{inbox.SIDECAR_SUFFIX}", acc.sidecar)
 
     def _restore_sidecar(self, acc: _Accepted) -> None:
         """`return_to_inbox` rebuilds the sidecar from the manifest row; the original keeps the full top-k."""
@@ -240,7 +241,7 @@ class LabelSession:
         directory = inbox.inbox_dir(self.dataset_dir)
         with inbox.manifest_lock(self.dataset_dir):
             if (directory / f"{acc.item_id}{inbox.IMAGE_SUFFIX}").exists():
-                atomic_write_bytes(directory / f"{acc.item_id}{inbox.SIDECAR_SUFFIX}", acc.sidecar)
+                atomic_write(directory / f"{acc.item_id}{inbox.SIDECAR_SUFFIX}", acc.sidecar)
 
 
 def _check_ids(ids: object) -> list[str]:

@@ -1,4 +1,4 @@
-"""Architectures by name: the seed's small CNN and torchvision families.
+"""Architectures by name: visiond's own small CNN and torchvision families.
 
 Lookup goes through an explicit table, never `models.__dict__[name]`; a bad
 name fails loudly and lists the valid ones.
@@ -14,7 +14,7 @@ import torchvision.models as tvm
 
 
 class SmallCNN(nn.Module):
-    """The seed's network: Conv32-pool-Conv64-pool-Dense128-Dense(n)."""
+    """The default network, small enough for an edge box's CPU: Conv32-pool-Conv64-pool-Dense128-Dense(n)."""
 
     def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = 64):
         super().__init__()
@@ -58,13 +58,6 @@ def _adapt_input(model: nn.Module, in_channels: int) -> nn.Module:
             setattr(parent, name.rsplit(".", 1)[-1], new)
             return model
     raise ValueError(f"cannot find the first convolution of {type(model).__name__}")
-
-
-def first_conv_name(model: nn.Module) -> str | None:
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            return name
-    return None
 
 
 _TORCHVISION: dict[str, Callable[..., nn.Module]] = {

@@ -12,9 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from torch import nn
 
 from visiond import __version__
 from visiond.errors import CheckpointError
+from visiond.fsutil import atomic_replace
 from visiond.models.arch import ARCHITECTURES, build_model
 from visiond.preprocess import PreprocessSpec
 
@@ -124,19 +123,8 @@ def save_checkpoint(
     }
     fields["version"] = _content_hash(fields, tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"visiond": _header_json(fields)})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from the service user
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_replace(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"visiond": _header_json(fields)})
     return _from_fields(fields, tensors)
 
 

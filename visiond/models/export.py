@@ -1,4 +1,4 @@
-"""ONNX and TorchScript exports of a checkpoint, verified against the PyTorch runtime.
+"""ONNX and TorchScript exports of a checkpoint, verified against PyTorch.
 
 The exported graph takes what the daemon's runtime takes — uint8 N x H x W x C pixels,
 already resized by the checkpoint's spec — and returns probabilities, normalisation and
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +19,8 @@ import torch
 from torch import nn
 
 from visiond.errors import UserError
+from visiond.fsutil import atomic_replace
 from visiond.models.checkpoint import Checkpoint, load_checkpoint
-from visiond.models.runtime import TorchClassifier
 from visiond.preprocess import Normalizer
 
 log = logging.getLogger(__name__)
@@ -103,6 +101,12 @@ def _export_torchscript(module: nn.Module, example: torch.Tensor, path: Path, me
         torch.jit.save(traced, str(path), _extra_files={f"{k}.json": v for k, v in meta.items()})
 
 
+def _run_torch(module: nn.Module, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """The reference: the module being exported, run eagerly in fp32 on the CPU."""
+    with torch.inference_mode():
+        return [module(torch.from_numpy(x)).numpy() for x in inputs]
+
+
 def _run_torchscript(path: Path, inputs: list[np.ndarray]) -> list[np.ndarray]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -121,29 +125,20 @@ def export_checkpoint(checkpoint: str | Path | Checkpoint, fmt: str, out: str | 
     out.parent.mkdir(parents=True, exist_ok=True)
     module = ExportModule(ckpt).eval()
     inputs = _sample_inputs(ckpt)
+    want = _run_torch(module, inputs)  # before export, so no exporter can have touched the module
     example = torch.from_numpy(inputs[-1])
     meta = export_metadata(ckpt)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
+    with atomic_replace(out) as tmp:
         if fmt == "onnx":
             _export_onnx(module, example, tmp, meta, opset)
             got = _run_onnx(tmp, inputs)
         else:
             _export_torchscript(module, example, tmp, meta)
             got = _run_torchscript(tmp, inputs)
-        ref = TorchClassifier(ckpt, device="cpu", precision="fp32", threads=0)
-        diff = max(float(np.abs(g - ref.predict(x)).max()) for g, x in zip(got, inputs))
+        diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
         if not diff <= tolerance:
             raise UserError(f"{fmt} export differs from PyTorch by {diff:.3g} in probability "
                             f"(tolerance {tolerance:g}); not written")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from the service user
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("exported %s to %s (max abs diff %.3g)", getattr(checkpoint, "version", checkpoint), out, diff)
     return ExportResult(out, fmt, diff, VERIFY_BATCHES)
 

@@ -2,8 +2,19 @@
 
 The daemon reloads when the file at `model.checkpoint` changes. `promote` makes that
 change a single rename (temp file in the same directory, fsync, rename, fsync of the
-directory), so the watcher never sees half a file, and keeps the previous model as
-`PATH.prev` for a one-command rollback (`visiond promote PATH.prev --to PATH`).
+directory), so the watcher never sees half a file.
+
+Backups: the model being replaced is kept as `PATH.prev` (older ones as `PATH.prev.2`,
+`PATH.prev.3`, ... up to `keep`), but only when it loads: a broken file that sits at
+PATH (copied there by hand and refused by the daemon) is never kept, so `.prev` always
+holds a model that served or could have. `rollback` puts `.prev` back and moves the
+older ones up.
+
+Permissions: the installed file takes the mode and owner of the file it replaces (or
+0666 minus the umask when there is none), and before the rename `promote` checks that
+the serving user can read it. The serving user is the owner of the directory the model
+lives in: systemd's `StateDirectory=` hands that directory to the service's (dynamic)
+user, so a model that user cannot read would be refused at reload.
 """
 
 from __future__ import annotations
@@ -11,29 +22,42 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from visiond.data.manifest import fsync_dir
 from visiond.errors import CheckpointError, UserError
+from visiond.fsutil import atomic_replace
 from visiond.models.checkpoint import Checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
+
+DEFAULT_KEEP = 3  # backups kept: .prev, .prev.2, .prev.3
 
 
 @dataclass(frozen=True)
 class PromoteResult:
     path: Path
     version: str
-    previous: Path | None          # PATH.prev, when there was a model before
+    previous: Path | None          # PATH.prev, when the model replaced was kept
     previous_version: str | None
+    not_kept: str | None = None    # why the file replaced was not kept (it did not load)
 
 
-def prev_path(target: Path) -> Path:
-    return target.with_name(target.name + ".prev")
+def prev_path(target: Path, n: int = 1) -> Path:
+    """PATH.prev for the newest backup, PATH.prev.N for older ones."""
+    return target.with_name(target.name + (".prev" if n == 1 else f".prev.{n}"))
+
+
+def backups(target: str | Path) -> list[Path]:
+    """The backups that exist, newest first."""
+    target, out, n = Path(target), [], 1
+    while prev_path(target, n).exists():
+        out.append(prev_path(target, n))
+        n += 1
+    return out
 
 
 def validate_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
@@ -62,55 +86,124 @@ def check_config_fit(ckpt: Checkpoint, config_path: str | Path) -> None:
     load_config(config_path).decide.check_classes(ckpt.classes)
 
 
-def _copy_to_temp(src: Path, directory: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+def config_target(config_path: str | Path) -> Path:
+    """Where the daemon of this config loads its model from (`model.checkpoint`)."""
+    from visiond.config import load_config
+
+    return Path(load_config(config_path).model.checkpoint)
+
+
+def _take_owner_and_mode(path: Path, like: os.stat_result) -> None:
+    """Give `path` the mode and owner of the file it replaces; a non-root user keeps its own uid."""
+    os.chmod(path, stat.S_IMODE(like.st_mode))
     try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
+        os.chown(path, like.st_uid, like.st_gid)
+    except PermissionError:
+        log.warning("cannot give %s the owner %d:%d of the file it replaces (not root); kept %d:%d",
+                    path, like.st_uid, like.st_gid, os.getuid(), os.getgid())
 
 
-def install_checkpoint(src: str | Path, target: str | Path, *, keep_previous: bool = True) -> PromoteResult:
-    """Copy `src` over `target` in one rename; the old target becomes `target.prev`."""
+def check_readable_by_service(path: Path, target: Path) -> None:
+    """Refuse `path` (about to become `target`) when the serving user, the owner of target's directory, could not read it."""
+    directory = target.parent
+    d, f = directory.stat(), path.stat()
+    if d.st_uid == 0:
+        return  # a root-owned directory: the daemon runs as root or reads through its group; nothing to infer
+    if f.st_uid == d.st_uid:
+        ok = bool(f.st_mode & stat.S_IRUSR)
+    elif f.st_gid == d.st_gid:
+        ok = bool(f.st_mode & stat.S_IRGRP)
+    else:
+        ok = bool(f.st_mode & stat.S_IROTH)
+    if not ok:
+        raise UserError(
+            f"{target}: the serving user (uid {d.st_uid}, owner of "
+            f"{directory}) could not read the model (mode {stat.S_IMODE(f.st_mode):o}, owner "
+            f"{f.st_uid}:{f.st_gid}); not installed. Expected a umask such as 022, or "
+            f"chown {d.st_uid} the served model first")
+
+
+def _loadable(path: Path) -> tuple[str | None, str | None]:
+    """(version, None) when `path` is a model that loads, else (None, why)."""
+    try:
+        return load_checkpoint(path).version, None
+    except CheckpointError as exc:
+        return None, str(exc)
+
+
+def _rotate_backups(target: Path, keep: int) -> Path:
+    """Move PATH.prev.N up by one (dropping those past `keep`); returns the free PATH.prev."""
+    for n in range(len(backups(target)), 0, -1):
+        if n >= keep:
+            prev_path(target, n).unlink()
+        else:
+            os.replace(prev_path(target, n), prev_path(target, n + 1))
+    return prev_path(target)
+
+
+def install_checkpoint(src: str | Path, target: str | Path, *, keep: int = DEFAULT_KEEP) -> PromoteResult:
+    """Copy `src` over `target` in one rename; a loadable old target becomes `target.prev`."""
     src, target = Path(src), Path(target)
     if not src.is_file():
         raise UserError(f"{src}: no such checkpoint file")
+    if keep < 0:
+        raise UserError(f"--keep {keep}: expected 0 or more backups")
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and os.path.samefile(src, target):
         raise UserError(f"{src} is already {target}; nothing to promote")
     new = load_checkpoint(src)
-    tmp = _copy_to_temp(src, target.parent, target.name)
-    previous = previous_version = None
-    try:
+    old = target.stat() if target.exists() else None
+    previous_version, not_kept = _loadable(target) if old else (None, None)
+    previous = None
+    with atomic_replace(target) as tmp:
+        shutil.copyfile(src, tmp)
+        if old is not None:
+            _take_owner_and_mode(tmp, old)
         if load_checkpoint(tmp).version != new.version:  # what we wrote is what we validated
             raise CheckpointError(f"{tmp}: the copy differs from {src}; not installed")
-        if keep_previous and target.exists():
+        check_readable_by_service(tmp, target)
+        if previous_version is not None and keep > 0:
+            previous = _rotate_backups(target, keep)
             try:
-                previous_version = load_checkpoint(target, verify=False).version
-            except CheckpointError:
-                previous_version = None  # a broken model can still be kept for the record
-            previous = prev_path(target)
-            prev_tmp = _copy_to_temp(target, target.parent, previous.name)
-            os.replace(prev_tmp, previous)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
+                os.link(target, previous)  # the served file itself, not a copy: same bytes, mode and owner
+            except OSError:  # a file system without hard links
+                shutil.copy2(target, previous)
+    if not_kept:
+        log.warning("the model replaced at %s did not load (%s); not kept as a backup, %s", target, not_kept,
+                    f"the last good one is still {prev_path(target)}" if prev_path(target).exists() else
+                    "there is no older backup")
     log.info("promoted %s (version %s) to %s%s", src, new.version, target,
              f"; previous version {previous_version} kept as {previous}" if previous else "")
-    return PromoteResult(target, new.version, previous, previous_version)
+    return PromoteResult(target, new.version, previous, previous_version if previous else None, not_kept)
 
 
 def promote(src: str | Path, target: str | Path, *, config: str | Path | None = None,
-            device: str = "cpu", keep_previous: bool = True) -> PromoteResult:
+            device: str = "cpu", keep: int = DEFAULT_KEEP) -> PromoteResult:
     """Validate, optionally check against a daemon config, then install atomically."""
     ckpt = validate_checkpoint(src, device=device)
     if config is not None:
         check_config_fit(ckpt, config)
-    return install_checkpoint(src, target, keep_previous=keep_previous)
+    return install_checkpoint(src, target, keep=keep)
+
+
+def rollback(target: str | Path, *, config: str | Path | None = None, device: str = "cpu") -> PromoteResult:
+    """Put PATH.prev back at PATH and move the older backups up; the model rolled back from is dropped."""
+    target = Path(target)
+    prev = prev_path(target)
+    if not prev.exists():
+        raise UserError(f"{prev}: no backup to roll back to (a promote keeps the model it replaces there)")
+    ckpt = validate_checkpoint(prev, device=device)
+    if config is not None:
+        check_config_fit(ckpt, config)
+    old = target.stat() if target.exists() else None
+    with atomic_replace(target) as tmp:
+        shutil.copyfile(prev, tmp)
+        if old is not None:
+            _take_owner_and_mode(tmp, old)
+        check_readable_by_service(tmp, target)
+    older = backups(target)
+    prev.unlink()
+    for n in range(2, len(older) + 1):
+        os.replace(prev_path(target, n), prev_path(target, n - 1))
+    log.info("rolled %s back to version %s", target, ckpt.version)
+    return PromoteResult(target, ckpt.version, prev if len(older) > 1 else None, None)

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +28,13 @@ from rich.console import Console
 from rich.table import Table
 
 from visiond.config import DecideConfig
-from visiond.serve.decide import Decider
 from visiond.errors import UserError
+from visiond.harness.broker import Broker, BrokerError
+from visiond.harness.recorder import Recorder
 from visiond.models.checkpoint import load_checkpoint
 from visiond.models.runtime import Classifier, make_classifier
 from visiond.preprocess import resize_uint8
-from visiond.harness.broker import start_private_broker
+from visiond.serve.decide import Decider
 
 console = Console(stderr=True)
 
@@ -55,12 +55,13 @@ class BenchOptions:
 
 
 def _defaults(opts: BenchOptions) -> BenchOptions:
-    demo = Path("demo-out")
-    opts.video = opts.video or demo / "line.mp4"
-    opts.checkpoint = opts.checkpoint or demo / "model.ckpt"
+    """Check the inputs and pick the ROI. The CLI fills in a missing video or model (the synthetic line and a
+    model trained on it) before this: training is no part of the daemon's half."""
     for what, p in (("--video", opts.video), ("--checkpoint", opts.checkpoint)):
-        if not p.exists():
-            raise UserError(f"{what} {p}: not found; pass one, or run `make demo` first to create demo-out/")
+        if p is None:
+            raise UserError(f"{what}: none given")
+        if not Path(p).exists():
+            raise UserError(f"{what} {p}: not found")
     if opts.roi is None:
         cap = cv2.VideoCapture(str(opts.video))
         w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
@@ -144,28 +145,9 @@ def bench_model(clf: Classifier, max_batch: int) -> dict:
     return out
 
 
-class _Subscriber:
-    def __init__(self, host: str, port: int, topic: str):
-        self.recv: list[tuple[float, dict]] = []
-        self._lock = threading.Lock()
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.c.on_message = self._on
-        self.c.connect(host, port)
-        self.c.subscribe(topic, qos=1)
-        self.c.loop_start()
-        time.sleep(0.3)
-
-    def _on(self, _c, _u, msg):
-        now = time.time()
-        with self._lock:
-            self.recv.append((now, json.loads(msg.payload)))
-
-    def count(self) -> int:
-        return len(self.recv)
-
-    def close(self):
-        self.c.loop_stop()
-        self.c.disconnect()
+def _received(rec: Recorder) -> list[tuple[float, dict]]:
+    """(arrival time, decoded payload) of every message the subscriber got."""
+    return [(t, json.loads(m.payload)) for t, m in rec.arrivals()]
 
 
 def _captured(p: dict) -> float:
@@ -184,9 +166,10 @@ def _summary(recv: list[tuple[float, dict]], trim: float = 0.1) -> dict:
 
 
 def naive_loop(opts: BenchOptions, clf: Classifier, host: str, port: int, frames: int, fps: float = 0) -> dict:
-    """The seed's loop: read -> preprocess -> model(batch of 1) -> publish, one frame at a time."""
+    """The simplest loop, the baseline the pipeline must beat: read -> preprocess -> model(batch of 1) -> publish,
+    one frame at a time."""
     decider = Decider(clf.classes, DecideConfig(defect_classes=[]))
-    sub = _Subscriber(host, port, "bench/naive/#")
+    sub = Recorder(host, port, "bench/naive/#").start()
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     pub.connect(host, port)
     pub.loop_start()
@@ -211,8 +194,8 @@ def naive_loop(opts: BenchOptions, clf: Classifier, host: str, port: int, frames
         time.sleep(0.05)
     pub.loop_stop()
     pub.disconnect()
-    sub.close()
-    out = _summary(sub.recv)
+    sub.stop()
+    out = _summary(_received(sub))
     out["cpu_s_per_frame"] = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / frames
     return out
 
@@ -233,7 +216,7 @@ def pipeline(opts: BenchOptions, host: str, port: int, frames: int, fps: float =
     }))
     if opts.model_cache is not None:  # the daemon finds the export where it caches it: no second export
         shutil.copytree(opts.model_cache, work / "spool" / "models")
-    sub = _Subscriber(host, port, "visiond/bench/cam/prediction")
+    sub = Recorder(host, port, "visiond/bench/cam/prediction").start()
     proc = subprocess.Popen([sys.executable, "-m", "visiond", "run", "--config", str(cfg)])
     deadline = time.time() + 60 + frames / max(fps, 50)
     marks: dict[str, tuple[int, float]] = {}  # steady-state CPU: between 10 % and 90 % of the messages
@@ -246,9 +229,9 @@ def pipeline(opts: BenchOptions, host: str, port: int, frames: int, fps: float =
     proc.send_signal(signal.SIGTERM)
     _, status, ru = os.wait4(proc.pid, 0)
     time.sleep(0.3)
-    sub.close()
+    sub.stop()
     shutil.rmtree(work, ignore_errors=True)
-    out = _summary(sub.recv[:frames])
+    out = _summary(_received(sub)[:frames])
     if "a" in marks and "b" in marks and marks["b"][0] > marks["a"][0]:
         cpu = (marks["b"][1] - marks["a"][1]) / (marks["b"][0] - marks["a"][0])
     else:
@@ -268,8 +251,11 @@ def _broker(opts: BenchOptions):
     if opts.broker:
         host, _, port = opts.broker.rpartition(":")
         return None, host or "127.0.0.1", int(port)
-    proc, port = start_private_broker()
-    return proc, "127.0.0.1", port
+    try:
+        broker = Broker(options=["max_queued_messages 100000"]).start()
+    except BrokerError as exc:
+        raise UserError(f"could not start a private mosquitto: {exc} (or pass --broker)") from None
+    return broker, broker.host, broker.port
 
 
 def run_bench(opts: BenchOptions) -> dict:
@@ -298,8 +284,7 @@ def run_bench(opts: BenchOptions) -> dict:
             pipe_rt = pipeline(opts, host, port, rt_frames, fps=opts.realtime_fps)
     finally:
         if broker:
-            broker.terminate()
-            broker.wait(5)
+            broker.close()
         shutil.rmtree(cache, ignore_errors=True)
     result = _assemble(opts, clf, decode, prep, model, naive, pipe, naive_rt, pipe_rt)
     _print(result)

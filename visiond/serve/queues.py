@@ -170,11 +170,6 @@ class FrameHub:
         with self._cond:
             return self._all_finished()
 
-    def depth(self) -> int:
-        """Frames queued across all cameras (for the batcher's saturation check, not metrics)."""
-        with self._cond:
-            return sum(len(q._items) for q in self.queues)
-
     def _any_queued(self) -> bool:
         return any(q._items for q in self.queues)
 

@@ -18,6 +18,7 @@ from visiond.models.baseline import PixelKNN, grid_for
 from visiond.models.checkpoint import save_checkpoint
 from visiond.preprocess import Normalizer, PreprocessSpec
 from visiond.train.data import ImageDataset, load_splits
+from visiond.train.engine import TrainableModel, evaluate
 from visiond.train.options import TrainOptions, TrainResult
 from visiond.train.recipe import Processes, checkpoint_meta, last_path_for, run_dir_for, write_history
 
@@ -53,9 +54,7 @@ def fit_knn(ds: ImageDataset, spec: PreprocessSpec, num_classes: int, k: int, li
 
 
 def train_knn(opts: TrainOptions, procs: Processes) -> TrainResult:
-    """Fit, score on the validation split with the training loop's `evaluate`, save like a CNN."""
-    from visiond.train.loop import TrainableModel, evaluate
-
+    """Fit, score on the validation split with the same `evaluate` as a CNN, save like one."""
     if procs.world > 1:
         raise UserError("--arch knn has nothing to distribute; run it without torchrun")
     if opts.init_from or opts.weights or opts.resume:
@@ -75,7 +74,7 @@ def train_knn(opts: TrainOptions, procs: Processes) -> TrainResult:
     last, run_dir = last_path_for(opts.out), run_dir_for(opts.out)
     for path in (opts.out, last):
         save_checkpoint(path, arch="knn", classes=splits.classes, spec=spec, state_dict=net.state_dict(),
-                        arch_args=arch_args, meta=checkpoint_meta(opts, splits, row, 1, 1), name=opts.out.stem)
+                        arch_args=arch_args, meta=checkpoint_meta(opts, splits, row, 1, 1), name=opts.model_name())
     write_history(run_dir, [row])
     log.info("knn (k=%d, %d stored images, %dx%d pooled): val accuracy %.4f, macro-F1 %.4f", net.k,
              arch_args["n_train"], net.grid, net.grid, val["accuracy"], val["macro_f1"])

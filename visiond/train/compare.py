@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from visiond.data.manifest import atomic_write_bytes
 from visiond.errors import UserError
+from visiond.fsutil import atomic_write_text
 from visiond.models.checkpoint import Checkpoint, load_checkpoint
 from visiond.models.runtime import TorchClassifier
 from visiond.train.data import ImageDataset, load_splits
@@ -103,7 +103,7 @@ def compare_checkpoints(old_path: str | Path, new_path: str | Path, dataset: str
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "compare.json", json.dumps(report.to_dict(), indent=1).encode())
+        atomic_write_text(out / "compare.json", json.dumps(report.to_dict(), indent=1))
         report.files["json"] = out / "compare.json"
         report.files["png"] = compare_png(report, out / "compare.png")
     return report

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from visiond.data.manifest import DISCARDED_DIR, IMAGE_EXTS, INBOX_DIR, SPLITS, Sample, classes_of, dataset_hash, \
-    load_image, manifest_path, read_manifest
+from visiond.data.manifest import DISCARDED_DIR, INBOX_DIR, SPLITS, Sample, classes_of, dataset_hash, load_image, \
+    manifest_path, read_manifest
 from visiond.data.split import split_dataset
 from visiond.errors import UserError
 from visiond.preprocess import PreprocessSpec, resize_uint8
+from visiond.video import IMAGE_EXTS, is_image_path
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def scan_class_folders(root: Path) -> list[Sample]:
     for label_dir in sorted(p for p in root.iterdir()
                             if p.is_dir() and not p.name.startswith(".") and p.name not in reserved):
         for path in sorted(label_dir.rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_EXTS:
+            if path.is_file() and is_image_path(path):
                 samples.append(Sample(path.relative_to(root).as_posix(), label_dir.name, source="folder"))
     return samples
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from visiond.data.manifest import atomic_write_bytes
 from visiond.errors import UserError
+from visiond.fsutil import atomic_write_text
 from visiond.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from visiond.models.runtime import TorchClassifier
 from visiond.train.data import ImageDataset, load_splits
@@ -126,7 +126,7 @@ def evaluate_checkpoint(opts: EvaluateOptions) -> EvaluationReport:
     out.mkdir(parents=True, exist_ok=True)
     files = {"confusion_matrix_png": plots.confusion_png(metrics["confusion_matrix"]["matrix"], classes,
                                                          out / "confusion_matrix.png")}
-    atomic_write_bytes(out / "confusion_matrix.json", json.dumps(metrics["confusion_matrix"], indent=1).encode())
+    atomic_write_text(out / "confusion_matrix.json", json.dumps(metrics["confusion_matrix"], indent=1))
     files["confusion_matrix_json"] = out / "confusion_matrix.json"
     sheet = _misclassified_sheet(ds, y_true, probs, classes, out / "misclassified.png")
     if sheet:
@@ -146,7 +146,7 @@ def evaluate_checkpoint(opts: EvaluateOptions) -> EvaluationReport:
                             "(name them with --defect-classes)")
         report.new_version = write_thresholds(opts.checkpoint, usable, opts.target_recall).version
         metrics["written_version"] = report.new_version
-    atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=1).encode())
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     files["metrics"] = out / "metrics.json"
     files["report"] = _write_report(out / "report.md", ckpt, opts, metrics, files)
     return report

@@ -13,11 +13,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from visiond.data.manifest import IMAGE_EXTS
 from visiond.errors import UserError
 from visiond.models.runtime import TorchClassifier
 from visiond.preprocess import resize_uint8
-from visiond.video import image_file_problem
+from visiond.video import image_file_problem, is_image_path
 
 
 def expand_paths(patterns: list[str]) -> list[Path]:
@@ -26,7 +25,7 @@ def expand_paths(patterns: list[str]) -> list[Path]:
     for pattern in patterns:
         p = Path(pattern)
         if p.is_dir():
-            found.update((f, None) for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+            found.update((f, None) for f in sorted(p.rglob("*")) if f.is_file() and is_image_path(f))
         elif p.exists():
             found[p] = None
         elif glob.has_magic(pattern):

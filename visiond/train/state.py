@@ -8,9 +8,7 @@ header. Loading parses only those two, so a resume file is as safe to open as a 
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from visiond.errors import UserError
+from visiond.fsutil import atomic_replace
 
 FORMAT = "visiond.resume/1"
 RESUME_NAME = "resume.safetensors"
@@ -79,14 +78,8 @@ def save_resume(path: Path, *, model_state: dict, optimizer, scheduler, scaler, 
           "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
     header = json.dumps(js, sort_keys=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"visiond_resume": header})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_replace(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"visiond_resume": header})
 
 
 class ResumeState:

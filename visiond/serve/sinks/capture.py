@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from visiond.config import CameraConfig, CaptureConfig, CaptureRules
-from visiond.logs import redact_url
 from visiond.data import phash as ph
 from visiond.data.inbox import discard_inbox_item, inbox_usage, list_inbox, prediction_dict, write_inbox_item
 from visiond.errors import UserError
 from visiond.frames import Frame, Prediction
+from visiond.logs import redact_url
 from visiond.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -132,9 +132,6 @@ class CaptureSink:
 
     def alive(self) -> bool:
         return self._thread.is_alive()
-
-    def cameras(self) -> list[str]:
-        return list(self._rules)
 
     def request(self, camera: str | None, count: int) -> list[str]:
         """cmd/capture: save the next `count` frames of a camera (None: of every capturing camera)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from visiond.frames import Prediction
-from visiond.serve.sinks.mqtt import rfc3339
+from visiond.timefmt import rfc3339
 
 log = logging.getLogger(__name__)
 

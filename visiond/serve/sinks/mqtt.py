@@ -10,14 +10,14 @@ socket and a wakeup socketpair, so `submit` (inference thread) only writes the
 spool and pokes the socketpair: a prediction leaves within microseconds, and
 no other thread ever touches the network or paho.
 
-Retained state: `status` is `online`/`offline` (last will), `status/detail`
-is a JSON object, `<camera>/status` is JSON `{"state", "reason", "at"}`.
+Retained state (`status` with its last will, `status/detail`, `<camera>/status`)
+is kept here and re-published after every reconnect; topics and payloads are
+built in `payloads.py`.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import random
 import select
@@ -25,7 +25,6 @@ import socket
 import ssl
 import threading
 import time
-import uuid
 from typing import Any, Callable, Mapping, Sequence
 
 import paho.mqtt.client as paho
@@ -34,17 +33,21 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from visiond import __version__
 from visiond.config import MqttConfig
-from visiond.frames import ModelRef, Prediction
+from visiond.frames import Prediction
 from visiond.serve.metrics import Metrics
+from visiond.serve.sinks.payloads import (
+    Topics,
+    build_event,
+    build_prediction,
+    build_shadow,
+    camera_status_payload,
+    status_detail_payload,
+)
 from visiond.serve.sinks.spool import Spool, SpooledMessage, SpoolWriter
 
 log = logging.getLogger(__name__)
 
-PREDICTION_SCHEMA = "visiond.prediction/1"
-EVENT_SCHEMA = "visiond.event/1"
-SHADOW_SCHEMA = "visiond.shadow/1"
-MAX_COMMAND_BYTES = 64 * 1024
-RESERVED_CAMERA_NAMES = frozenset({"status", "cmd"})  # would collide with the node's own topics
+MAX_COMMAND_BYTES = 64 * 1024  # a command is a small JSON object; more is refused before any handler sees it
 
 _BACKOFF_MIN_S = 0.5
 _BACKOFF_MAX_S = 30.0  # retry of a denied publish
@@ -52,119 +55,6 @@ _RECONNECT_MAX_S = 5.0  # a returning broker is reached within ~5 s; jitter keep
 _STABLE_CONNECTION_S = 10.0  # a connection that lasted this long resets the reconnect backoff
 _OFFLINE_ACK_S = 2.0  # at stop, how long the retained `offline` may wait for its ack
 _MAX_PEEK = 512
-
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False).encode
-_second_cache: list = [None, ""]
-
-
-# ---------------------------------------------------------------- payloads
-
-
-def rfc3339(ts: float) -> str:
-    """UTC with microseconds and a `Z`; the formatted second is cached (frames share it)."""
-    sec = int(ts // 1)
-    us = int(round((ts - sec) * 1e6))
-    if us >= 1_000_000:
-        sec, us = sec + 1, us - 1_000_000
-    cache = _second_cache
-    if cache[0] != sec:
-        cache[1], cache[0] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)), sec
-    return f"{cache[1]}.{us:06d}Z"
-
-
-def _model_dict(model: ModelRef | Mapping[str, str]) -> dict[str, str]:
-    if isinstance(model, ModelRef):
-        return {"name": model.name, "version": model.version}
-    return {"name": str(model["name"]), "version": str(model["version"])}
-
-
-def prediction_payload(p: Prediction, seq: int, node: str, msg_id: str) -> bytes:
-    """Compact JSON of prediction.schema.json; on the hot path (~10 µs)."""
-    t = p.timings
-    return _encode({
-        "schema": PREDICTION_SCHEMA,
-        "id": msg_id,
-        "node": node,
-        "camera": p.frame.camera,
-        "seq": seq,
-        "captured_at": rfc3339(p.frame.captured_at),
-        "label": p.label,
-        "score": round(float(p.score), 6),
-        "top": [{"label": label, "score": round(float(score), 6)} for label, score in p.top],
-        "defect": bool(p.defect),
-        "model": {"name": p.model.name, "version": p.model.version},
-        "latency_ms": {
-            "queue": round(t.queue_s * 1e3, 3),
-            "inference": round(t.inference_s * 1e3, 3),
-            "total": round(t.total_s * 1e3, 3),
-        },
-    }).encode()
-
-
-def event_payload(camera: str, event: Mapping[str, Any], seq: int, node: str, msg_id: str) -> bytes:
-    """Compact JSON of event.schema.json; `event` holds kind, at (wall seconds), label, score, model."""
-    return _encode({
-        "schema": EVENT_SCHEMA,
-        "id": msg_id,
-        "node": node,
-        "camera": camera,
-        "seq": seq,
-        "at": rfc3339(float(event["at"])),
-        "kind": str(event["kind"]),
-        "label": str(event["label"]),
-        "score": round(float(event["score"]), 6),
-        "model": _model_dict(event["model"]),
-    }).encode()
-
-
-def _build_prediction(p: Prediction, node: str, seq: int) -> bytes:
-    return prediction_payload(p, seq, node, str(uuid.uuid4()))
-
-
-def _build_event(camera: str, event: Mapping[str, Any], node: str, seq: int) -> bytes:
-    return event_payload(camera, event, seq, node, str(uuid.uuid4()))
-
-
-def _build_shadow(camera: str, report: dict, node: str, seq: int) -> bytes:
-    return _encode({"schema": SHADOW_SCHEMA, "id": str(uuid.uuid4()), "node": node, "camera": camera, "seq": seq,
-                    **report}).encode()
-
-
-# ---------------------------------------------------------------- topics
-
-
-class Topics:
-    """Every topic of one node; camera topics are cached (they are built per frame)."""
-
-    def __init__(self, prefix: str, node: str):
-        self.base = f"{prefix}/{node}"
-        self.status = f"{self.base}/status"
-        self.status_detail = f"{self.base}/status/detail"
-        self.cmd_filter = f"{self.base}/cmd/+"
-        self._predictions: dict[str, str] = {}
-
-    def _camera(self, camera: str) -> str:
-        if camera in RESERVED_CAMERA_NAMES or not camera or any(c in camera for c in "/+#"):
-            raise ValueError(f"camera name {camera!r} cannot be used in a topic (reserved or has / + #)")
-        return f"{self.base}/{camera}"
-
-    def camera_status(self, camera: str) -> str:
-        return f"{self._camera(camera)}/status"
-
-    def prediction(self, camera: str) -> str:
-        topic = self._predictions.get(camera)
-        if topic is None:
-            topic = self._predictions[camera] = f"{self._camera(camera)}/prediction"
-        return topic
-
-    def event(self, camera: str) -> str:
-        return f"{self._camera(camera)}/event"
-
-    def shadow(self, camera: str) -> str:
-        return f"{self._camera(camera)}/shadow"
-
-    def cmd(self, verb: str) -> str:
-        return f"{self.base}/cmd/{verb}"
 
 
 # ---------------------------------------------------------------- the sink
@@ -293,7 +183,7 @@ class MqttSink:
             return
         topic, node, qos = self.topics.prediction, self._node, self._cfg.qos
         self._spool_items([
-            (topic(p.frame.camera), functools.partial(_build_prediction, p, node), qos, p.frame.captured_at, p.frame.camera)
+            (topic(p.frame.camera), functools.partial(build_prediction, p, node), qos, p.frame.captured_at, p.frame.camera)
             for p in predictions
         ])
 
@@ -303,18 +193,17 @@ class MqttSink:
         missing = sorted(k for k in ("kind", "at", "label", "score", "model") if event.get(k) is None)
         if missing:
             raise ValueError(f"event for {camera!r} lacks {missing}")
-        build = functools.partial(_build_event, camera, event, self._node)
+        build = functools.partial(build_event, camera, event, self._node)
         self._spool_items([(self.topics.event(camera), build, self._cfg.qos, float(event["at"]), camera, "event")])
 
     def submit_shadow(self, camera: str, report: Mapping[str, Any]) -> None:
         """Spool one shadow-mode comparison (its own gapless seq stream, like events)."""
-        build = functools.partial(_build_shadow, camera, dict(report), self._node)
+        build = functools.partial(build_shadow, camera, dict(report), self._node)
         self._spool_items([(self.topics.shadow(camera), build, self._cfg.qos, time.time(), camera, "shadow")])
 
     def set_camera_status(self, camera: str, online: bool, reason: str) -> None:
         """Retained JSON on `<camera>/status`: {"state": "online"|"offline", "reason", "at"}."""
-        payload = _encode({"state": "online" if online else "offline", "reason": reason, "at": rfc3339(time.time())})
-        self._set_retained(self.topics.camera_status(camera), payload.encode())
+        self._set_retained(self.topics.camera_status(camera), camera_status_payload(online, reason, time.time()))
 
     def set_detail(self, detail: Mapping[str, Any]) -> None:
         """Merge keys into the retained JSON on `status/detail` (model, last_error, ...)."""
@@ -565,7 +454,7 @@ class MqttSink:
             detail = dict(self._detail)
         for topic, payload in todo:
             if payload is None:  # status/detail: built now, from the merged dict
-                payload = _encode({**detail, "at": rfc3339(time.time())}).encode()
+                payload = status_detail_payload(detail, time.time())
             info = self._client.publish(topic, payload, qos=1, retain=True)
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 with self._lock:

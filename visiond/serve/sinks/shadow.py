@@ -24,12 +24,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from visiond.frames import Prediction
-from visiond.serve.metrics import Metrics
 from visiond.models.runtime import Classifier
+from visiond.serve.metrics import Metrics
+from visiond.timefmt import rfc3339
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "visiond.shadow/1"
 Publish = Callable[[str, dict], None]  # (camera, report) -> None
 
 
@@ -44,8 +44,6 @@ class _Window:
         self.serving: dict[str, str] | None = None
 
     def report(self, candidate: Classifier, end_wall: float) -> dict:
-        from visiond.serve.sinks.mqtt import rfc3339
-
         return {
             "window": {"start": rfc3339(self.start), "end": rfc3339(end_wall), "seconds": round(end_wall - self.start, 3)},
             "frames": self.frames,

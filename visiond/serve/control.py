@@ -1,0 +1,241 @@
+"""What an operator changes in a running daemon: the served model, a shadow candidate, captures on request.
+
+Hot reload loads and warms a checkpoint beside the serving model and hands it to the
+`ModelSlot`, which switches between two batches; a checkpoint the running config cannot
+serve is refused and the old model keeps serving. Commands arrive on `cmd/<verb>` as
+JSON objects; a bad one is reported in `status/detail` and never stops the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from visiond.config import Config
+from visiond.errors import UserError
+from visiond.models.checkpoint import CheckpointError, load_checkpoint
+from visiond.models.runtime import Classifier, make_classifier
+from visiond.serve.decide import Decider
+from visiond.serve.metrics import Metrics
+from visiond.serve.sinks.capture import CaptureSink
+from visiond.serve.sinks.mqtt import MqttSink
+from visiond.serve.sinks.shadow import ShadowRunner, ShadowSink
+from visiond.serve.worker import ModelSlot
+
+log = logging.getLogger(__name__)
+
+_REFUSED = (CheckpointError, UserError, ValueError, RuntimeError, OSError)  # a candidate that cannot serve
+
+
+def load_model(cfg: Config) -> tuple[Classifier, Decider]:
+    """Load, check against the config, and warm a checkpoint; raises CheckpointError/UserError."""
+    ckpt = load_checkpoint(cfg.model.checkpoint)
+    decider = Decider(ckpt.classes, cfg.decide, ckpt.thresholds)
+    clf = classifier_for(cfg, ckpt)
+    clf.warmup(cfg.model.max_batch)
+    return clf, decider
+
+
+def classifier_for(cfg: Config, ckpt) -> Classifier:
+    """The configured runtime for a loaded checkpoint (served or shadow)."""
+    return make_classifier(ckpt, runtime=cfg.model.runtime, device=cfg.model.device, precision=cfg.model.precision,
+                           threads=cfg.model.threads, cache_dir=Path(cfg.spool.dir) / "models")
+
+
+def model_detail(clf) -> dict:
+    """The served model as `status/detail` shows it."""
+    return {"name": clf.name, "version": clf.version, "arch": clf.arch, "device": clf.device,
+            "runtime": clf.runtime, "classes": list(clf.classes)}
+
+
+def file_identity(path: Path):
+    """Inode, mtime and size: a replaced or rewritten checkpoint changes it; None while the file is missing."""
+    try:
+        st = os.stat(path)
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+    except OSError:
+        return None
+
+
+def _similar(a: float, b: float, factor: float = 1.25) -> bool:
+    return max(a, b) / min(a, b) <= factor
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+
+
+class Control:
+    """Hot reload, shadow mode and the MQTT commands, on the daemon's ready collaborators.
+
+    `checkpoint_seen` is the checkpoint's `file_identity` from before the first load, so a
+    file replaced while the daemon started is still noticed.
+    """
+
+    def __init__(self, cfg: Config, metrics: Metrics, slot: ModelSlot, mqtt: MqttSink, shadow: ShadowSink,
+                 capture: CaptureSink | None, checkpoint_seen):
+        self.cfg = cfg
+        self.metrics = metrics
+        self.slot = slot
+        self.mqtt = mqtt
+        self.shadow = shadow
+        self.capture = capture
+        self._checkpoint_seen = checkpoint_seen
+        self._reload_lock = threading.Lock()
+        self._shadow_lock = threading.Lock()
+
+    # ---- hot reload --------------------------------------------------------
+    def watch_checkpoint(self) -> None:
+        """Supervise loop: a changed checkpoint file is reloaded on its own thread."""
+        seen = file_identity(self.cfg.model.checkpoint)
+        if seen is not None and seen != self._checkpoint_seen:
+            self._checkpoint_seen = seen
+            threading.Thread(target=self.reload, args=("file change",), daemon=True).start()
+
+    def reload(self, why: str = "request") -> bool:
+        """Load and warm the checkpoint beside the serving model; switch between two batches."""
+        with self._reload_lock:
+            log.info("reloading model (%s)", why)
+            try:
+                clf, decider = load_model(self.cfg)
+                self._check_fit(clf)
+            except _REFUSED as exc:
+                msg = _first_line(exc)
+                self.metrics.model_reload_failures.inc()
+                log.error("reload refused, old model keeps serving: %s", msg)
+                now = time.time()
+                self.mqtt.set_detail({"last_error": f"reload refused: {msg}", "last_error_at": now,
+                                      "last_reload": {"result": "refused", "why": msg, "at": now}})
+                return False
+            log.info("model %s %s loaded and warmed; it takes over at the next batch", clf.name, clf.version)
+            self.slot.stage(clf, decider)
+            return True
+
+    def _check_fit(self, clf) -> None:
+        """Refuse a checkpoint the running config cannot serve (the Decider has checked the classes)."""
+        old = self.slot.active[0]
+        spec = clf.spec
+        if spec.channels != old.spec.channels:
+            raise UserError(f"new model wants {spec.channels} colour channel(s), the serving one {old.spec.channels}")
+        aspect = spec.width / spec.height
+        if not _similar(aspect, old.spec.width / old.spec.height):
+            for cam in self.cfg.cameras:
+                if cam.roi is not None and not _similar(aspect, cam.roi[2] / cam.roi[3]):
+                    raise UserError(
+                        f"new model's input {spec.width}x{spec.height} does not fit camera {cam.name}'s roi "
+                        f"{cam.roi[2]}x{cam.roi[3]} (aspect {aspect:.2f} vs {cam.roi[2] / cam.roi[3]:.2f}); "
+                        f"the serving model takes {old.spec.width}x{old.spec.height}")
+        probs = clf.predict(np.zeros((1, spec.height, spec.width, spec.channels), np.uint8))
+        if probs.shape != (1, len(clf.classes)):
+            raise UserError(f"new model gives {probs.shape[-1]} scores for its {len(clf.classes)} classes")
+
+    def model_switched(self, clf) -> None:
+        """The slot's switch callback (inference thread): metrics and `status/detail` name the new model."""
+        self.metrics.set_model(clf.name, clf.version, clf.arch)
+        now = time.time()
+        self.mqtt.set_detail({"model": model_detail(clf), "last_reload_at": now,
+                              "last_reload": {"result": "switched", "version": clf.version, "at": now}})
+
+    # ---- commands ------------------------------------------------------------
+    def command(self, verb: str, payload: bytes) -> None:
+        """MQTT thread: one `cmd/<verb>`; the sink has already refused an oversized payload."""
+        try:
+            body = json.loads(payload) if payload.strip() else {}
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._cmd_error(verb, f"payload is not JSON ({exc.__class__.__name__}); expected a JSON object")
+            return
+        except RecursionError:
+            self._cmd_error(verb, "payload is JSON nested too deeply; expected a flat JSON object")
+            return
+        if not isinstance(body, dict):
+            self._cmd_error(verb, f"payload is {type(body).__name__}; expected a JSON object")
+            return
+        if verb == "reload":
+            threading.Thread(target=self.reload, args=("cmd/reload",), daemon=True).start()
+        elif verb == "capture":
+            self._cmd_capture(body)
+        elif verb == "shadow":
+            self._cmd_shadow(body)
+        else:
+            self._cmd_error(verb, "unknown command; expected one of: reload, capture, shadow")
+
+    def _cmd_capture(self, body: dict) -> None:
+        """{"camera": name (default: every capturing camera), "count": n (default 1)}."""
+        if self.capture is None:
+            self._cmd_error("capture", "capture is not configured (set capture.dataset)")
+            return
+        camera = body.get("camera")
+        if camera is not None and not isinstance(camera, str):
+            self._cmd_error("capture", f"camera {str(camera)[:64]!r}: expected a camera name or null")
+            return
+        try:
+            self.capture.request(camera, body.get("count", 1))
+        except UserError as exc:
+            self._cmd_error("capture", str(exc))
+
+    def _cmd_shadow(self, body: dict) -> None:
+        """{"checkpoint": path} runs a candidate in shadow mode; {"checkpoint": null} stops it.
+
+        Only checkpoints in the served checkpoint's directory (or model.shadow) are accepted:
+        a command must not make the daemon read arbitrary files.
+        """
+        path = body.get("checkpoint")
+        if path is None:
+            threading.Thread(target=self.stop_shadow, kwargs={"final_report": True}, daemon=True).start()
+            self.mqtt.set_detail({"shadow": None})
+            return
+        if not isinstance(path, str) or not path.strip():
+            self._cmd_error("shadow", f"checkpoint {str(path)[:64]!r}: expected a checkpoint path or null")
+            return
+        allowed = {self.cfg.model.checkpoint.resolve().parent}
+        if self.cfg.model.shadow is not None:
+            allowed.add(self.cfg.model.shadow.resolve().parent)
+        target = Path(path)
+        if not target.is_absolute():
+            target = self.cfg.model.checkpoint.resolve().parent / target
+        target = target.resolve()
+        if target.parent not in allowed:
+            self._cmd_error("shadow", f"checkpoint must be in {', '.join(sorted(map(str, allowed)))}")
+            return
+        threading.Thread(target=self.set_shadow, args=(target, "cmd/shadow"), daemon=True).start()
+
+    def _cmd_error(self, verb: str, why: str) -> None:
+        shown = "".join(c if c.isprintable() else "?" for c in verb[:64])  # a topic may carry a newline
+        msg = f"cmd/{shown}: {why}"
+        log.error("%s", msg)
+        self.mqtt.set_detail({"last_error": msg, "last_error_at": time.time()})
+
+    # ---- shadow mode -----------------------------------------------------------
+    def set_shadow(self, path: Path, why: str) -> bool:
+        """Load and warm a candidate, then run it beside the served model (replacing any other)."""
+        with self._shadow_lock:
+            try:
+                ckpt = load_checkpoint(path)
+                clf = classifier_for(self.cfg, ckpt)
+                clf.warmup(self.cfg.model.max_batch)
+            except _REFUSED as exc:
+                msg = _first_line(exc)
+                log.error("shadow candidate refused (%s): %s", why, msg)
+                self.mqtt.set_detail({"last_error": f"shadow refused: {msg}", "last_error_at": time.time()})
+                return False
+            runner = ShadowRunner(clf, self.mqtt.submit_shadow, self.metrics, self.cfg.model.shadow_interval_s)
+            runner.start()
+            old = self.shadow.replace(runner)
+            if old is not None:
+                old.stop(final_report=True)
+            self.mqtt.set_detail({"shadow": {"name": clf.name, "version": clf.version, "path": str(path),
+                                             "interval_s": self.cfg.model.shadow_interval_s}})
+            return True
+
+    def stop_shadow(self, final_report: bool = True) -> None:
+        """End the candidate's run, if any; its last (partial) window is reported when asked."""
+        with self._shadow_lock:
+            old = self.shadow.replace(None)
+            if old is not None:
+                old.stop(final_report=final_report)

@@ -1,0 +1,142 @@
+"""What visiond says over MQTT: the node's topics and every payload's bytes (DESIGN.md, "MQTT").
+
+Predictions, events and shadow reports follow the JSON schemas in `visiond/schemas/`;
+retained state is `status` (`online`/`offline`), `status/detail` (a JSON object) and
+`<camera>/status` (JSON `{"state", "reason", "at"}`). Kept apart from the sink so the
+contract can be read, and tested, without a broker.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Mapping
+
+from visiond.config import RESERVED_CAMERA_NAMES
+from visiond.frames import ModelRef, Prediction
+from visiond.timefmt import rfc3339
+
+PREDICTION_SCHEMA = "visiond.prediction/1"
+EVENT_SCHEMA = "visiond.event/1"
+SHADOW_SCHEMA = "visiond.shadow/1"
+
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False).encode
+
+
+# ---------------------------------------------------------------- topics
+
+
+class Topics:
+    """Every topic of one node; camera topics are cached (they are built per frame)."""
+
+    def __init__(self, prefix: str, node: str):
+        self.base = f"{prefix}/{node}"
+        self.status = f"{self.base}/status"
+        self.status_detail = f"{self.base}/status/detail"
+        self.cmd_filter = f"{self.base}/cmd/+"
+        self._predictions: dict[str, str] = {}
+
+    def _camera(self, camera: str) -> str:
+        if camera in RESERVED_CAMERA_NAMES or not camera or any(c in camera for c in "/+#"):
+            raise ValueError(f"camera name {camera!r} cannot be used in a topic (reserved or has / + #)")
+        return f"{self.base}/{camera}"
+
+    def camera_status(self, camera: str) -> str:
+        return f"{self._camera(camera)}/status"
+
+    def prediction(self, camera: str) -> str:
+        topic = self._predictions.get(camera)
+        if topic is None:
+            topic = self._predictions[camera] = f"{self._camera(camera)}/prediction"
+        return topic
+
+    def event(self, camera: str) -> str:
+        return f"{self._camera(camera)}/event"
+
+    def shadow(self, camera: str) -> str:
+        return f"{self._camera(camera)}/shadow"
+
+    def cmd(self, verb: str) -> str:
+        return f"{self.base}/cmd/{verb}"
+
+
+# ---------------------------------------------------------------- spooled messages
+
+
+def _model_dict(model: ModelRef | Mapping[str, str]) -> dict[str, str]:
+    if isinstance(model, ModelRef):
+        return {"name": model.name, "version": model.version}
+    return {"name": str(model["name"]), "version": str(model["version"])}
+
+
+def prediction_payload(p: Prediction, seq: int, node: str, msg_id: str) -> bytes:
+    """Compact JSON of prediction.schema.json; on the hot path (~10 µs)."""
+    t = p.timings
+    return _encode({
+        "schema": PREDICTION_SCHEMA,
+        "id": msg_id,
+        "node": node,
+        "camera": p.frame.camera,
+        "seq": seq,
+        "captured_at": rfc3339(p.frame.captured_at),
+        "label": p.label,
+        "score": round(float(p.score), 6),
+        "top": [{"label": label, "score": round(float(score), 6)} for label, score in p.top],
+        "defect": bool(p.defect),
+        "model": {"name": p.model.name, "version": p.model.version},
+        "latency_ms": {
+            "queue": round(t.queue_s * 1e3, 3),
+            "inference": round(t.inference_s * 1e3, 3),
+            "total": round(t.total_s * 1e3, 3),
+        },
+    }).encode()
+
+
+def event_payload(camera: str, event: Mapping[str, Any], seq: int, node: str, msg_id: str) -> bytes:
+    """Compact JSON of event.schema.json; `event` holds kind, at (wall seconds), label, score, model."""
+    return _encode({
+        "schema": EVENT_SCHEMA,
+        "id": msg_id,
+        "node": node,
+        "camera": camera,
+        "seq": seq,
+        "at": rfc3339(float(event["at"])),
+        "kind": str(event["kind"]),
+        "label": str(event["label"]),
+        "score": round(float(event["score"]), 6),
+        "model": _model_dict(event["model"]),
+    }).encode()
+
+
+def shadow_payload(camera: str, report: Mapping[str, Any], seq: int, node: str, msg_id: str) -> bytes:
+    """Compact JSON of one shadow-mode comparison window (the report as `ShadowRunner` makes it)."""
+    return _encode({"schema": SHADOW_SCHEMA, "id": msg_id, "node": node, "camera": camera, "seq": seq,
+                    **report}).encode()
+
+
+# The spool calls these with the seq it assigns; the id is new per message (a resend reuses the stored bytes).
+
+
+def build_prediction(p: Prediction, node: str, seq: int) -> bytes:
+    return prediction_payload(p, seq, node, str(uuid.uuid4()))
+
+
+def build_event(camera: str, event: Mapping[str, Any], node: str, seq: int) -> bytes:
+    return event_payload(camera, event, seq, node, str(uuid.uuid4()))
+
+
+def build_shadow(camera: str, report: Mapping[str, Any], node: str, seq: int) -> bytes:
+    return shadow_payload(camera, report, seq, node, str(uuid.uuid4()))
+
+
+# ---------------------------------------------------------------- retained state
+
+
+def camera_status_payload(online: bool, reason: str, at: float) -> bytes:
+    """Retained `<camera>/status`: {"state": "online"|"offline", "reason", "at"}."""
+    return _encode({"state": "online" if online else "offline", "reason": reason, "at": rfc3339(at)}).encode()
+
+
+def status_detail_payload(detail: Mapping[str, Any], at: float) -> bytes:
+    """Retained `status/detail`: the merged detail keys (model, last_error, ...) and when it was built."""
+    return _encode({**detail, "at": rfc3339(at)}).encode()
