@@ -518,13 +518,13 @@ def test_hostile_command_gets_a_last_error_and_the_daemon_carries_on(rig, verb, 
     # then the retained status detail carries one clear last_error naming it
     def answered(ms):
         for m in ms[seen:]:
-            if m.topic == "visiond/testbox/status/detail" and expected in json.loads(m.payload).get("last_error", ""):
+            if m.topic == "visiond/testbox/status/detail" and expected in (json.loads(m.payload).get("last_error") or ""):
                 return True
         return False
 
     rig.recorder.wait_for(answered, 20)
     errors = [json.loads(m.payload)["last_error"] for m in rig.recorder.messages("visiond/testbox/status/detail")
-              if expected in json.loads(m.payload).get("last_error", "")]
+              if expected in (json.loads(m.payload).get("last_error") or "")]
     _one_clear_line(errors[-1])
     # and the log says the same in one line, and the daemon is still connected and running
     assert any(expected in ln for ln in rig.daemon.stderr.splitlines())
@@ -540,7 +540,7 @@ def test_a_truncated_checkpoint_dropped_in_place_is_refused_and_the_old_model_se
     try:
         # then the reload it triggers is refused with one line, over MQTT and in the log
         rig.recorder.wait_for(lambda ms: any(m.topic == "visiond/testbox/status/detail" and "reload refused" in
-                                             json.loads(m.payload).get("last_error", "") for m in ms[seen:]), 30)
+                                             (json.loads(m.payload).get("last_error") or "") for m in ms[seen:]), 30)
         assert "reload refused, old model keeps serving" in rig.daemon.stderr
         assert metric_value(rig.metrics(), "visiond_model_reload_failures_total") >= 1
     finally:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from daemon_helpers import Daemon, line_cfg, schema_validator, wait_offline
-from loop_helpers import model_without_spot, publish, wait_until  # noqa: F401 (fixture)
+from loop_helpers import model_without_spot, publish, visiond, wait_until  # noqa: F401 (fixture)
 from test_hot_swap import resaved
 from visiond.frames import Frame, ModelRef, Prediction, Timings
 from visiond.serve.metrics import Metrics
@@ -144,3 +144,44 @@ def test_a_slow_candidate_never_delays_the_served_model():
     assert len(published) == 1
     r = published[0]
     assert r["frames"] + r["skipped_frames"] == 200 and r["skipped_frames"] >= 180 and r["agreement"] == 1.0
+
+
+def test_shadow_ends_with_a_final_report_once_its_candidate_is_promoted(
+        tmp_path, mosquitto, mqtt_recorder, line_model, synth_video):
+    # given a daemon serving A with candidate B (same weights, another version) in shadow beside it
+    rec = mqtt_recorder("visiond/#")
+    serve = tmp_path / "serve"
+    serve.mkdir()
+    shutil.copy(line_model, serve / "model.ckpt")
+    candidate = resaved(line_model, serve / "candidate.ckpt", "candidate")
+    cam = {"name": "line1", "source": str(synth_video.path), "roi": list(synth_video.roi), "loop": True, "fps": 60}
+    d = Daemon(tmp_path, line_cfg(serve / "model.ckpt", mosquitto, [cam], model={"shadow_interval_s": 1}))
+    details = lambda: [json.loads(m.payload) for m in rec.messages("visiond/testbox/status/detail")]  # noqa: E731
+    try:
+        rec.wait_for(lambda ms: any(m.topic.endswith("/prediction") for m in ms), 120)
+        # (a shadow of the served model itself is refused: it could only agree with itself)
+        publish(mosquitto, "visiond/testbox/cmd/shadow", {"checkpoint": "model.ckpt"})
+        wait_until(lambda: any("is the served model" in (x.get("last_error") or "") for x in details()), 60,
+                   "the refusal of a shadow of the served model")
+        publish(mosquitto, "visiond/testbox/cmd/shadow", {"checkpoint": "candidate.ckpt"})
+        wait_until(lambda: len(_reports(rec)) >= 2, 60, "shadow reports")
+        # when B is promoted into service
+        r = visiond("promote", str(serve / "candidate.ckpt"), "--to", str(serve / "model.ckpt"))
+        assert r.returncode == 0, r.stderr
+        # then shadow stops by itself: the detail says so and reports end
+        wait_until(lambda: any(x.get("shadow", "x") is None for x in details()), 60, "shadow stopped")
+        time.sleep(0.5)
+        n = len(_reports(rec))
+        time.sleep(2.5)
+        assert len(_reports(rec)) == n
+        last = details()[-1]
+        assert d.stop() == 0
+    finally:
+        d.close()
+    assert "shadow mode ends with a final report" in d.stderr
+    assert all(r["candidate"]["version"] == candidate.version for r in _reports(rec))
+    # and the success superseded the earlier error; every time in the detail is RFC 3339 UTC
+    assert last["model"]["version"] == candidate.version
+    assert last["last_error"] is None and last["last_error_at"] is None
+    for t in (last["at"], last["last_reload_at"], last["last_reload"]["at"]):
+        assert isinstance(t, str) and t.endswith("Z") and "T" in t

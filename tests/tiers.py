@@ -1,11 +1,12 @@
-"""Test tiers: `slow` marks the tests that start visiond children, train, serve RTSP or drive Chromium.
+"""Test tiers: `slow` marks the tests that run visiond in a child, train, serve RTSP or drive Chromium.
 
 `make test-fast` (`pytest -m "not slow"`) runs the rest in a couple of minutes after
 every change; `make test` still runs everything. A test is slow when it, a fixture it
 uses, or a helper of the test tree it calls (followed through any depth) reaches one of
-SLOW_CAUSES, so a new daemon test is slow without anyone remembering to mark it.
-`@pytest.mark.slow` in a test file covers what this cannot see: a `python -m visiond`
-child that loads torch, a large export.
+SLOW_CAUSES or starts a Python child that runs visiond (each one imports the package,
+most of them torch: one to eight seconds apiece), so a new test of that kind is slow
+without anyone remembering to mark it. `@pytest.mark.slow` in a test file covers what
+this cannot see: a large export, a long in-process run.
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ class SlowReach:
         code = getattr(function, "__code__", None)
         if code is None:
             return None
-        names = _names(code)
+        names, strings = _names(code), _strings(code)
+        if "executable" in names and any("visiond" in text for text in strings):  # [sys.executable, "-m", "visiond"]
+            return "runs visiond in a child Python"
         for name in names:
             if name in SLOW_NAMES:
                 return SLOW_NAMES[name]
@@ -112,6 +115,19 @@ def _names(code: types.CodeType) -> set[str]:
         if isinstance(const, types.CodeType):
             names |= _names(const)
     return names
+
+
+def _strings(code: types.CodeType) -> list[str]:
+    """The string constants of a function and its nested functions (command lines, scripts)."""
+    found = []
+    for const in code.co_consts:
+        if isinstance(const, str):
+            found.append(const)
+        elif isinstance(const, (tuple, frozenset)):
+            found += [c for c in const if isinstance(c, str)]
+        elif isinstance(const, types.CodeType):
+            found += _strings(const)
+    return found
 
 
 def _in_test_tree(obj: object) -> bool:

@@ -30,6 +30,7 @@ from visiond.serve.worker import ModelSlot
 
 log = logging.getLogger(__name__)
 
+_NO_ERROR = {"last_error": None, "last_error_at": None}  # a later success supersedes the last error
 _REFUSED = (CheckpointError, UserError, ValueError, RuntimeError, OSError)  # a candidate that cannot serve
 
 
@@ -110,8 +111,7 @@ class Control:
                 self.metrics.model_reload_failures.inc()
                 log.error("reload refused, old model keeps serving: %s", msg)
                 now = time.time()
-                self.mqtt.set_detail({"last_error": f"reload refused: {msg}", "last_error_at": now,
-                                      "last_reload": {"result": "refused", "why": msg, "at": now}})
+                self._error(f"reload refused: {msg}", now, last_reload={"result": "refused", "why": msg, "at": now})
                 return False
             log.info("model %s %s loaded and warmed; it takes over at the next batch", clf.name, clf.version)
             self.slot.stage(clf, decider)
@@ -140,7 +140,13 @@ class Control:
         self.metrics.set_model(clf.name, clf.version, clf.arch)
         now = time.time()
         self.mqtt.set_detail({"model": model_detail(clf), "last_reload_at": now,
-                              "last_reload": {"result": "switched", "version": clf.version, "at": now}})
+                              "last_reload": {"result": "switched", "version": clf.version, "at": now},
+                              **_NO_ERROR})
+        runner = self.shadow.runner
+        if runner is not None and runner.candidate.version == clf.version:
+            # the candidate is now the served model: comparing it with itself would only report 1.0
+            log.info("shadow candidate %s is now served; shadow mode ends with a final report", clf.version)
+            threading.Thread(target=self._end_shadow_of, args=(clf.version,), daemon=True).start()
 
     # ---- commands ------------------------------------------------------------
     def command(self, verb: str, payload: bytes) -> None:
@@ -209,7 +215,11 @@ class Control:
         shown = "".join(c if c.isprintable() else "?" for c in verb[:64])  # a topic may carry a newline
         msg = f"cmd/{shown}: {why}"
         log.error("%s", msg)
-        self.mqtt.set_detail({"last_error": msg, "last_error_at": time.time()})
+        self._error(msg)
+
+    def _error(self, msg: str, at: float | None = None, **detail) -> None:
+        """`status/detail.last_error` with its time; the next success clears both (see `_NO_ERROR`)."""
+        self.mqtt.set_detail({"last_error": msg, "last_error_at": time.time() if at is None else at, **detail})
 
     # ---- shadow mode -----------------------------------------------------------
     def set_shadow(self, path: Path, why: str) -> bool:
@@ -222,7 +232,13 @@ class Control:
             except _REFUSED as exc:
                 msg = _first_line(exc)
                 log.error("shadow candidate refused (%s): %s", why, msg)
-                self.mqtt.set_detail({"last_error": f"shadow refused: {msg}", "last_error_at": time.time()})
+                self._error(f"shadow refused: {msg}")
+                return False
+            served = self.slot.active[0].version
+            if ckpt.version == served:
+                log.error("shadow candidate refused (%s): it is the served model (version %s)", why, served)
+                self._error(f"shadow refused: {path} is the served model (version {served}); "
+                            "expected a candidate to compare with it")
                 return False
             runner = ShadowRunner(clf, self.mqtt.submit_shadow, self.metrics, self.cfg.model.shadow_interval_s)
             runner.start()
@@ -230,8 +246,18 @@ class Control:
             if old is not None:
                 old.stop(final_report=True)
             self.mqtt.set_detail({"shadow": {"name": clf.name, "version": clf.version, "path": str(path),
-                                             "interval_s": self.cfg.model.shadow_interval_s}})
+                                             "interval_s": self.cfg.model.shadow_interval_s}, **_NO_ERROR})
             return True
+
+    def _end_shadow_of(self, version: str) -> None:
+        """Stop the shadow run if its candidate is still `version` (a newer candidate may have replaced it)."""
+        with self._shadow_lock:
+            runner = self.shadow.runner
+            if runner is None or runner.candidate.version != version:
+                return
+            self.shadow.replace(None)
+        runner.stop(final_report=True)
+        self.mqtt.set_detail({"shadow": None})
 
     def stop_shadow(self, final_report: bool = True) -> None:
         """End the candidate's run, if any; its last (partial) window is reported when asked."""

@@ -549,7 +549,7 @@ class MqttSink:
         if len(message.payload) > MAX_COMMAND_BYTES:
             error = f"command {verb!r} refused: payload of {len(message.payload)} bytes exceeds {MAX_COMMAND_BYTES}"
             log.warning("%s", error)
-            self.set_detail({"last_error": error})
+            self.set_detail({"last_error": error, "last_error_at": time.time()})
             return
         if self._on_command is None:
             log.info("command %r ignored: no handler", verb)

@@ -138,5 +138,19 @@ def camera_status_payload(online: bool, reason: str, at: float) -> bytes:
 
 
 def status_detail_payload(detail: Mapping[str, Any], at: float) -> bytes:
-    """Retained `status/detail`: the merged detail keys (model, last_error, ...) and when it was built."""
-    return _encode({**detail, "at": rfc3339(at)}).encode()
+    """Retained `status/detail`: the merged detail keys (model, last_error, ...) and when it was built.
+
+    Times are recorded as epoch seconds and written here as RFC 3339 UTC, like every other
+    time in every payload: any `at` or `*_at` key, at any depth.
+    """
+    return _encode(_times_as_rfc3339({**detail, "at": at})).encode()
+
+
+def _times_as_rfc3339(value: Any, key: str = "") -> Any:
+    if isinstance(value, Mapping):
+        return {k: _times_as_rfc3339(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_times_as_rfc3339(v) for v in value]
+    if (key == "at" or key.endswith("_at")) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return rfc3339(float(value))
+    return value
