@@ -71,7 +71,6 @@ def _pickle_payload(path: Path, marker: Path, zip_format: bool) -> None:
         path.write_bytes(pickle.dumps({"weights": boom}))
 
 
-@pytest.mark.slow  # a child per case that loads torch
 @pytest.mark.parametrize("zip_format", [True, False], ids=["torch.save", "raw-pickle"])
 @pytest.mark.parametrize("force_unsafe", [False, True], ids=["plain-env", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"])
 def test_pickle_payload_is_refused_without_running(tmp_path, zip_format, force_unsafe):
@@ -91,7 +90,6 @@ def test_pickle_payload_is_refused_without_running(tmp_path, zip_format, force_u
     assert not marker.exists()
 
 
-@pytest.mark.slow  # a child that loads torch
 def test_predict_cli_refuses_pickle_with_one_line(tmp_path):
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "evil.ckpt"

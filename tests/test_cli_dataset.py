@@ -84,10 +84,8 @@ def test_stats_table_output(tmp_path):
     (["dataset", "import", "idx", "{tmp}", "{tmp}/ds"], "no IDX files"),
     (["dataset", "split", "{tmp}/nothing"], "no manifest"),
     (["dataset", "split", "{shapes}", "--train", "0.9"], "expected them to sum to 1"),
-    pytest.param(["augment-preview", "{shapes}", "--out", "{tmp}/g.png", "--preset", "wild"],
-                 "expected one of none, light", marks=pytest.mark.slow),  # a child that loads torch
-    pytest.param(["augment-preview", "{shapes}", "--out", "{tmp}/g.png", "--size", "2"], "expected 8..4096",
-                 marks=pytest.mark.slow),
+    (["augment-preview", "{shapes}", "--out", "{tmp}/g.png", "--preset", "wild"], "expected one of none, light"),
+    (["augment-preview", "{shapes}", "--out", "{tmp}/g.png", "--size", "2"], "expected 8..4096"),
 ])
 def test_user_errors_print_one_line_and_exit_2(tmp_path, args, message):
     # given a small dataset, when a command is given bad input

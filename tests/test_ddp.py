@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from shapes import make_shapes_dataset
 from visiond.data.manifest import read_manifest, write_manifest
 from visiond.data.split import split_dataset
@@ -17,7 +15,6 @@ from visiond.models.checkpoint import load_checkpoint
 from visiond.train.evaluate import EvaluateOptions, evaluate_checkpoint
 
 
-@pytest.mark.slow  # two training processes
 def test_torchrun_two_cpu_processes_train_a_model_that_evaluates(tmp_path):
     # given a shapes dataset
     ds = tmp_path / "ds"

@@ -198,7 +198,6 @@ def test_plain_class_folders_train_and_corrupt_files_are_skipped(tmp_path, caplo
     assert "broken.png" in caplog.text
 
 
-@pytest.mark.slow  # a child that loads torch
 def test_cli_rejects_a_bad_option_in_one_line(small_shapes, tmp_path):
     # when an unknown optimizer is asked for
     proc = subprocess.run([sys.executable, "-m", "visiond", "train", str(small_shapes), "--out",

@@ -12,6 +12,7 @@ this cannot see: a large export, a long in-process run.
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 import types
 from pathlib import Path
@@ -28,6 +29,7 @@ SLOW_CAUSES = {
     "visiond.train.loop.train": "trains a model",
     "conftest.start_rtsp_server": "starts an RTSP server",
 }
+_VISIOND_CHILD = re.compile(r"-m visiond\b|(from|import) visiond\b")
 # Names so specific that naming them is enough (used through a local import).
 SLOW_NAMES = {"sync_playwright": "drives Chromium"}
 
@@ -90,7 +92,7 @@ class SlowReach:
         if code is None:
             return None
         names, strings = _names(code), _strings(code)
-        if "executable" in names and any("visiond" in text for text in strings):  # [sys.executable, "-m", "visiond"]
+        if "executable" in names and _runs_visiond(strings):
             return "runs visiond in a child Python"
         for name in names:
             if name in SLOW_NAMES:
@@ -115,6 +117,11 @@ def _names(code: types.CodeType) -> set[str]:
         if isinstance(const, types.CodeType):
             names |= _names(const)
     return names
+
+
+def _runs_visiond(strings: list[str]) -> bool:
+    """A command line or script that runs the package: `-m visiond` (one string or two), `import visiond...`."""
+    return ("-m" in strings and "visiond" in strings) or any(_VISIOND_CHILD.search(text) for text in strings)
 
 
 def _strings(code: types.CodeType) -> list[str]:
