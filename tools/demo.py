@@ -1,14 +1,16 @@
 """`make demo`: a synthetic line, a model trained on it, and visiond classifying it live.
 
 Steps: render the line video + labelled crops -> train a small CNN (skipped
-when demo-out/model.ckpt exists) -> find a broker (the system one on
-127.0.0.1:1883, else a private mosquitto on a free port) -> run `visiond run`
+when demo-out/model.ckpt exists) -> start a private mosquitto on a free port
+(never a broker that happens to listen on 1883: next to a line that is the
+plant's; `--broker HOST:PORT` names one on purpose) -> run `visiond run`
 on the video at camera speed -> print what a subscriber receives, the accuracy
 against the line's ground truth, and a /metrics summary -> stop cleanly.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import signal
@@ -42,6 +44,21 @@ def broker_reachable(host: str, port: int) -> bool:
         return False
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="visiond on a synthetic line: render, train, serve, show.")
+    ap.add_argument("--out", type=Path, default=ROOT / "demo-out",
+                    help="folder for the video, the model and the run (default: demo-out/)")
+    ap.add_argument("--broker", metavar="HOST:PORT",
+                    help="publish to this MQTT broker (default: a private mosquitto on a free port)")
+    args = ap.parse_args(argv)
+    if args.broker is not None:
+        host, _, port = args.broker.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            ap.error(f"--broker {args.broker!r}: expected HOST:PORT, e.g. 127.0.0.1:1883")
+        args.broker = (host, int(port))
+    return args
+
+
 def prepare_data() -> tuple[Path, list[str]]:
     video = OUT / "line.mp4"
     if not synthline.truth_path(video).exists():
@@ -65,7 +82,7 @@ def train_model() -> Path:
     return ckpt
 
 
-def write_config(ckpt: Path, video: Path, port: int, metrics_port: int) -> Path:
+def write_config(ckpt: Path, video: Path, host: str, port: int, metrics_port: int) -> Path:
     x, y, w, h = synthline.default_roi()
     cfg = OUT / "demo-run.yaml"
     shutil.rmtree(OUT / "spool", ignore_errors=True)  # a fresh run: frame i <-> i-th message
@@ -80,7 +97,7 @@ model:
 decide:
   defect_classes: [scratch, spot]
 mqtt:
-  host: 127.0.0.1
+  host: {host}
   port: {port}
 spool:
   dir: {OUT / 'spool'}
@@ -113,9 +130,9 @@ def metric_summary(text: str) -> Table:
     return table
 
 
-def run_daemon(cfg: Path, port: int, metrics_port: int, truth: list[str]) -> int:
+def run_daemon(cfg: Path, host: str, port: int, metrics_port: int, truth: list[str]) -> int:
     console.print("[bold]4/4[/] visiond run (the video plays at 30 fps; Ctrl-C stops early)")
-    sub = Recorder("127.0.0.1", port, NODE_TOPICS).start()
+    sub = Recorder(host, port, NODE_TOPICS).start()
     proc = subprocess.Popen([sys.executable, "-m", "visiond", "run", "--config", str(cfg)])
     last_metrics, shown = "", 0
     try:
@@ -155,21 +172,29 @@ def report(sub: Recorder, truth: list[str]) -> None:
     console.print_json(json.dumps(preds[len(preds) // 2]))
 
 
-def main() -> int:
-    OUT.mkdir(exist_ok=True)
+def main(argv: list[str] | None = None) -> int:
+    global OUT
+    args = parse_args(argv)
+    OUT = args.out.resolve()
+    if args.broker is not None and not broker_reachable(*args.broker):
+        console.print(f"[red]--broker {args.broker[0]}:{args.broker[1]}: nothing answers there; "
+                      "expected a running MQTT broker (or leave --broker out for a private one)")
+        return 2
+    OUT.mkdir(parents=True, exist_ok=True)
     video, truth = prepare_data()
     ckpt = train_model()
     broker = None
-    if broker_reachable("127.0.0.1", 1883):
-        port = 1883
-        console.print("[bold]3/4[/] using the system MQTT broker on 127.0.0.1:1883")
+    if args.broker is not None:
+        host, port = args.broker
+        console.print(f"[bold]3/4[/] using the broker you named: {host}:{port}")
     else:
         broker = Broker(options=["max_queued_messages 100000"]).start()
-        port = broker.port
-        console.print(f"[bold]3/4[/] started a private mosquitto on 127.0.0.1:{port}")
+        host, port = "127.0.0.1", broker.port
+        console.print(f"[bold]3/4[/] started a private mosquitto on 127.0.0.1:{port} "
+                      "(a broker on this box's 1883 is left alone; --broker HOST:PORT to use one)")
     try:
         metrics_port = free_port()
-        return run_daemon(write_config(ckpt, video, port, metrics_port), port, metrics_port, truth)
+        return run_daemon(write_config(ckpt, video, host, port, metrics_port), host, port, metrics_port, truth)
     finally:
         if broker:
             broker.close()

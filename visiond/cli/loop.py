@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from visiond.errors import UserError
@@ -33,11 +34,17 @@ def compare(
     split: str = typer.Option("test", help="train, val, test or all: both models see the same samples."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write compare.json and compare.png here."),
     device: str = typer.Option("cpu", help="auto, cpu, cuda or cuda:N."),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap",
+                                       help="Compare even when some evaluated images were in a model's training "
+                                            "set (refused otherwise); the overlap is reported."),
 ) -> None:
-    """Evaluate two checkpoints on the same split; per-class precision/recall/F1, old -> new."""
+    """Evaluate two checkpoints on the same split; per-class precision/recall/F1, old -> new.
+
+    Refuses when an evaluated image was in either model's training set (the checkpoints list theirs).
+    """
     from visiond.train.compare import compare_checkpoints
 
-    r = compare_checkpoints(old, new, dataset, split=split, out=out, device=device)
+    r = compare_checkpoints(old, new, dataset, split=split, out=out, device=device, allow_overlap=allow_overlap)
     t = Table(title=f"{split} split: {r.old['name']} {r.old['version']} -> {r.new['name']} {r.new['version']}")
     t.add_column("class")
     t.add_column("support", justify="right")
@@ -50,9 +57,12 @@ def compare(
             cells += [f"{_fmt(row.old[key])} → {_fmt(row.new[key])}", _delta(row.delta(key))]
         t.add_row(*cells)
     console.print(t)
-    console.print(f"accuracy {r.old['accuracy']:.4f} → {r.new['accuracy']:.4f} ({_delta(r.new['accuracy'] - r.old['accuracy'])}), "
+    console.print(f"accuracy {r.old['accuracy']:.4f} → {r.new['accuracy']:.4f} "
+                  f"({_delta(r.new['accuracy'] - r.old['accuracy'])}), "
                   f"macro-F1 {r.old['macro_f1']:.4f} → {r.new['macro_f1']:.4f} "
                   f"({_delta(r.new['macro_f1'] - r.old['macro_f1'])})")
+    for warning in r.warnings:
+        console.print(f"[bold red]WARNING:[/bold red] {escape(warning)}", highlight=False, soft_wrap=True)
     if r.files:
         console.print(f"wrote {r.files['json']} and {r.files['png']}")
 

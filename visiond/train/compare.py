@@ -5,6 +5,10 @@ breaking the others?". Both models go through the serving runtime on the daemon'
 resize (`visiond.train.evaluate.predict_dataset`). Their class lists may differ (a
 retrain that learnt a new defect): the table runs over the union, and a class one model
 does not know counts as never predicted by it, so its recall there is 0, as in service.
+
+A model scored on images it was trained on looks better than it is, so the evaluated
+images are first checked against each checkpoint's training set (`membership`): any
+overlap is refused unless asked for, and then reported.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from visiond.models.checkpoint import Checkpoint, load_checkpoint
 from visiond.models.runtime import TorchClassifier
 from visiond.train.data import ImageDataset, load_splits
 from visiond.train.evaluate import SPLIT_CHOICES, predict_dataset
+from visiond.train.membership import members, sample_digest
 from visiond.train.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -47,10 +52,13 @@ class CompareReport:
     rows: list[ClassDiff]
     old: dict   # accuracy, macro_f1, version, name, checkpoint
     new: dict
+    overlap: dict[str, int | None] = field(default_factory=dict)  # old/new -> evaluated images it trained on
+    warnings: list[str] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"split": self.split, "classes": self.classes, "old": self.old, "new": self.new,
+                "overlap": self.overlap, "warnings": self.warnings,
                 "per_class": {r.label: {"support": r.support, "old": r.old, "new": r.new,
                                         "delta": {k: r.delta(k) for k in FIGURES}} for r in self.rows}}
 
@@ -71,9 +79,49 @@ def _summary(ckpt: Checkpoint, path: Path, m: dict) -> dict:
             "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "support": m["support"]}
 
 
+def check_overlap(models: dict[str, tuple[Checkpoint, Path]], root: Path, samples, split: str,
+                  allow: bool) -> tuple[dict[str, int | None], list[str]]:
+    """(role -> how many evaluated images that model trained on, None when it does not say; warnings).
+
+    Any overlap is refused unless `allow`, or unless the train split itself is what is evaluated.
+    """
+    digests = [d for d in (sample_digest(root, s) for s in samples) if d is not None]
+    of = f"of {len(samples)} " + ("images" if split == "all" else f"{split} images")
+    overlap, flattered, notes, seen = {}, [], [], set()
+    for role, (ckpt, path) in models.items():
+        train = members(ckpt.meta, "train")
+        if train is None:
+            overlap[role] = None
+            notes.append(f"{role.upper()} {path} does not list its training images (trained before they were "
+                         f"recorded): could not check that none of them is in the {split} split")
+            continue
+        overlap[role] = sum(d in train for d in digests)
+        seen |= train
+        if overlap[role]:
+            flattered.append(f"{overlap[role]} {of} were in the training set of "
+                             f"{role.upper()} {path}: its figures are flattered")
+        val = members(ckpt.meta, "val") or set()
+        in_val = sum(d in val for d in digests)
+        if in_val and split != "val":
+            notes.append(f"{in_val} {of} were in the validation set of "
+                         f"{role.upper()} {path} (they picked its best epoch)")
+    if flattered and not allow and split != "train":
+        counts = ", ".join(f"{role.upper()} {models[role][1]}: {n}" for role, n in overlap.items() if n)
+        raise UserError(
+            f"compare: {sum(d in seen for d in digests)} {of} were in a model's "
+            f"training set ({counts}), so the comparison would flatter the model that saw them; compare on images "
+            f"neither model trained on (the split they were trained with: `visiond dataset split` without "
+            f"--reshuffle keeps it; or retrain on this one), or pass --allow-overlap to compare anyway")
+    return overlap, flattered + notes
+
+
 def compare_checkpoints(old_path: str | Path, new_path: str | Path, dataset: str | Path, *, split: str = "test",
-                        out: str | Path | None = None, device: str = "cpu") -> CompareReport:
-    """Evaluate both on one split; write compare.json and compare.png into `out` when given."""
+                        out: str | Path | None = None, device: str = "cpu",
+                        allow_overlap: bool = False) -> CompareReport:
+    """Evaluate both on one split; write compare.json and compare.png into `out` when given.
+
+    Evaluated images that either model trained on are refused (UserError) unless `allow_overlap`.
+    """
     if split not in SPLIT_CHOICES:
         raise UserError(f"--split {split!r}: expected one of {', '.join(SPLIT_CHOICES)}")
     old_path, new_path = Path(old_path), Path(new_path)
@@ -84,6 +132,8 @@ def compare_checkpoints(old_path: str | Path, new_path: str | Path, dataset: str
     samples = splits.train + splits.val + splits.test if split == "all" else getattr(splits, split)
     if not samples:
         raise UserError(f"{dataset}: no samples in split {split!r}")
+    overlap, warnings = check_overlap({"old": (old, old_path), "new": (new, new_path)}, splits.root, samples,
+                                      split, allow_overlap)
     y_old_true, y_old = _predict_union(old, splits.root, samples, union, device)
     y_new_true, y_new = _predict_union(new, splits.root, samples, union, device)
     if not np.array_equal(y_old_true, y_new_true):
@@ -99,7 +149,8 @@ def compare_checkpoints(old_path: str | Path, new_path: str | Path, dataset: str
                 return {"precision": None, "recall": 0.0 if m["per_class"][c]["support"] else None, "f1": None}
             return {k: m["per_class"][c][k] for k in FIGURES}
         rows.append(ClassDiff(c, m_new["per_class"][c]["support"], figures(m_old, old), figures(m_new, new)))
-    report = CompareReport(split, union, rows, _summary(old, old_path, m_old), _summary(new, new_path, m_new))
+    report = CompareReport(split, union, rows, _summary(old, old_path, m_old), _summary(new, new_path, m_new),
+                           overlap, warnings)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from visiond.models.runtime import resolve_device
 from visiond.preprocess import PreprocessSpec
 from visiond.train import transfer
 from visiond.train.data import BalancedSampler, DataSplits
+from visiond.train.membership import META_KEY, membership_meta
 from visiond.train.options import TrainOptions
 
 
@@ -136,11 +137,13 @@ def last_path_for(out: Path) -> Path:
 
 
 def checkpoint_meta(opts: TrainOptions, splits: DataSplits, row: dict, epochs: int, best_epoch: int) -> dict:
-    """Training metadata stored in the checkpoint (its date is added by save_checkpoint)."""
+    """Training metadata stored in the checkpoint (its date is added by save_checkpoint); the images
+    it was trained on go in by content, so `compare` can tell when a test image is one of them."""
     return {"dataset_hash": splits.hash, "dataset": str(opts.data), "class_counts": splits.class_counts(),
             "val_metrics": {k[4:]: v for k, v in row.items() if k.startswith("val_")}, "epochs": epochs,
             "best_epoch": best_epoch, "seed": opts.seed, "arch": opts.arch,
-            "defect_classes": list(opts.defect_classes), "train_options": opts.to_json(), **opts.extra_meta}
+            "defect_classes": list(opts.defect_classes), "train_options": opts.to_json(), **opts.extra_meta,
+            META_KEY: membership_meta(splits.root, splits.train, splits.val)}
 
 
 def write_history(run_dir: Path, history: list[dict]) -> None:

@@ -1,0 +1,61 @@
+"""`make demo` as a user next to a line runs it: it must never publish into the plant's broker."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from visiond.harness.process import free_port
+from visiond.harness.recorder import Recorder
+
+DEMO = Path(__file__).resolve().parents[1] / "tools" / "demo.py"
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_the_demo_starts_its_own_broker_and_leaves_one_on_1883_alone(tmp_path, line_model):
+    # given a trained model in the demo's folder (so the demo does not train) and, where this box has
+    # one, a broker on 1883 standing for the plant's, watched for anything the demo might publish
+    out = tmp_path / "demo"
+    out.mkdir()
+    shutil.copy(line_model, out / "model.ckpt")
+    plant = Recorder("127.0.0.1", 1883, "visiond/demo-box/#").start() if _listening(1883) else None
+    try:
+        # when the demo runs with its defaults
+        r = subprocess.run([sys.executable, str(DEMO), "--out", str(out)], capture_output=True, text=True,
+                           timeout=600)
+    finally:
+        if plant is not None:
+            plant.stop()
+    # then it says which broker it used: a private one on another port
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    used = re.search(r"started a private mosquitto on 127\.0\.0\.1:(\d+)", r.stdout)
+    assert used and int(used.group(1)) != 1883, r.stdout[-2000:]
+    assert f"port: {used.group(1)}" in (out / "demo-run.yaml").read_text()
+    assert "received 600 predictions" in r.stdout
+    # and the plant's broker saw nothing of it (retained messages from before the run come with retain set)
+    if plant is not None:
+        assert [m for m in plant.messages() if not m.retain] == []
+
+
+def test_a_named_broker_that_does_not_answer_is_a_one_line_error(tmp_path):
+    port = free_port()
+    r = subprocess.run([sys.executable, str(DEMO), "--out", str(tmp_path / "d"), "--broker", f"127.0.0.1:{port}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert f"--broker 127.0.0.1:{port}: nothing answers there" in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr and not (tmp_path / "d").exists()
