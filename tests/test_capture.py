@@ -16,8 +16,16 @@ from daemon_helpers import Daemon, line_cfg, metric_value, schema_validator
 from loop_helpers import epoch as _epoch, frame_truth, pixel_hash, publish, visiond, wait_until
 from visiond.config import CameraConfig, CaptureConfig, CaptureRules
 from visiond.data import phash as ph
-from visiond.data.inbox import (accept_inbox_item, discard_inbox_item, list_inbox, prediction_dict, read_inbox_item,
-                                return_to_inbox, validate_item_id, write_inbox_item)
+from visiond.data.inbox import (
+    accept_inbox_item,
+    discard_inbox_item,
+    list_inbox,
+    prediction_dict,
+    read_inbox_item,
+    return_to_inbox,
+    validate_item_id,
+    write_inbox_item,
+)
 from visiond.data.manifest import read_manifest
 from visiond.errors import UserError
 from visiond.frames import Frame, ModelRef, Prediction, Timings

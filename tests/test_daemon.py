@@ -11,8 +11,8 @@ from collections import Counter
 
 import pytest
 
-from daemon_helpers import Daemon, line_cfg, metric_value, schema_validator, wait_offline
 from conftest import free_port
+from daemon_helpers import Daemon, line_cfg, metric_value, schema_validator, wait_offline
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])

@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 
 from shapes import draw_shape, make_shapes_dataset
-from visiond.data.manifest import (COLUMNS, Sample, add_image, check_images, classes_of, dataset_hash,
-                                   load_image, read_manifest, write_manifest)
+from visiond.data.manifest import (
+    COLUMNS,
+    Sample,
+    add_image,
+    check_images,
+    classes_of,
+    dataset_hash,
+    load_image,
+    read_manifest,
+    write_manifest,
+)
 from visiond.errors import UserError
 
 HEADER = ",".join(COLUMNS)

@@ -16,8 +16,13 @@ from visiond.errors import UserError
 from visiond.models.arch import build_model
 from visiond.models.checkpoint import load_checkpoint, save_checkpoint
 from visiond.preprocess import PreprocessSpec
-from visiond.train.evaluate import (EvaluateOptions, classification_metrics, evaluate_checkpoint,
-                                    precision_recall_curve, threshold_for_recall)
+from visiond.train.evaluate import (
+    EvaluateOptions,
+    classification_metrics,
+    evaluate_checkpoint,
+    precision_recall_curve,
+    threshold_for_recall,
+)
 from visiond.train.predict import predict_paths
 
 CLASSES = ["ok", "scratch", "spot", "dent"]

@@ -36,7 +36,7 @@ from daemon_helpers import Daemon, metric_value
 from mqtt_helpers import MqttRecorder
 from visiond.config import ConfigError, check_files, load_config
 from visiond.errors import UserError
-from visiond.models.checkpoint import read_header, save_checkpoint, load_checkpoint
+from visiond.models.checkpoint import load_checkpoint, read_header, save_checkpoint
 from visiond.models.runtime import TorchClassifier
 
 SECRET = "hunter2-must-not-leak"

@@ -9,7 +9,6 @@ import signal
 import time
 from collections import defaultdict
 
-
 from daemon_helpers import Daemon, line_cfg, metric_value
 from loop_helpers import publish, visiond, wait_until
 from visiond.models.arch import build_model

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from visiond.config import DecideConfig
-from visiond.serve.decide import Decider, DefectDebouncer
 from visiond.errors import UserError
 from visiond.preprocess import Normalizer, PreprocessSpec, gpu_resize_uint8, resize_uint8, stack_uint8
+from visiond.serve.decide import Decider, DefectDebouncer
 
 RNG = np.random.default_rng(0)
 

@@ -12,7 +12,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from conftest import SYSTEM_PYTHON, RTSP_SERVER, make_synth_video
+from conftest import RTSP_SERVER, SYSTEM_PYTHON, make_synth_video
 from mqtt_helpers import MqttRecorder
 
 

@@ -185,7 +185,8 @@ class MqttConfig(_Model):
 
 class SpoolConfig(_Model):
     dir: Path = Field(Path("/var/lib/visiond/spool"), description="Where messages wait while the broker is away.")
-    max_messages: int = Field(1_000_000, ge=10, le=100_000_000, description="Bound; beyond it the oldest are dropped and counted.")
+    max_messages: int = Field(1_000_000, ge=10, le=100_000_000,
+                              description="Bound; beyond it the oldest are dropped and counted.")
 
 
 class MetricsConfig(_Model):
@@ -211,7 +212,8 @@ class CaptureConfig(_Model):
 
     dataset: Path | None = Field(None, description="Dataset directory; frames go to <dataset>/inbox/. none = off.")
     quota_mb: float = Field(1024, gt=0, description="Inbox size bound; beyond it the oldest items are evicted.")
-    queue_size: int = Field(64, ge=1, le=10000, description="Frames waiting for the writer; beyond it they are dropped and counted.")
+    queue_size: int = Field(64, ge=1, le=10000,
+                            description="Frames waiting for the writer; beyond it they are dropped and counted.")
     rules: CaptureRules = Field(default_factory=CaptureRules, description="Rules of cameras without their own capture section.")
 
 
@@ -331,7 +333,8 @@ def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
     except FileNotFoundError:
         raise ConfigError([f"{p}: config file not found"]) from None
     except (PermissionError, IsADirectoryError, UnicodeDecodeError, OSError) as exc:
-        raise ConfigError([f"{p}: cannot read config ({exc.__class__.__name__}: {exc.strerror if isinstance(exc, OSError) else exc})"]) from None
+        why = exc.strerror if isinstance(exc, OSError) else exc
+        raise ConfigError([f"{p}: cannot read config ({exc.__class__.__name__}: {why})"]) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -19,7 +19,6 @@ import threading
 import time
 
 
-
 def redact_url(text: str) -> str:
     """Hide the password of any user:password@ in a URL (logs, metrics, status)."""
     # up to the last @ of the authority: an unencoded `p@ss` must not leave `ss` showing

@@ -52,7 +52,7 @@ def capture_cmd(
             report = capture_frames(opts, on_progress=update)
         except KeyboardInterrupt:
             console.print("interrupted")
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
         update(report)
     typer.echo(f"saved {len(report.saved)} frame(s) of {report.frames_read} read into {dataset_dir / 'inbox'} "
                f"({report.duplicates} near-duplicate(s) skipped; {report.ended})")

@@ -23,10 +23,10 @@ import cv2
 import numpy as np
 
 from visiond.config import CameraConfig
-from visiond.logs import redact_url
 from visiond.data import phash as ph
 from visiond.data.inbox import InboxItem, prediction_dict, write_inbox_item
 from visiond.errors import UserError
+from visiond.logs import redact_url
 
 log = logging.getLogger(__name__)
 

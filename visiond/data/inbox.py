@@ -37,8 +37,19 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from visiond.data import phash as ph
-from visiond.data.manifest import (DISCARDED_DIR, IMAGES_DIR, INBOX_DIR, SPLITS, Sample, encode_image, manifest_path,
-                                   read_manifest, sha256_bytes, validate_label, write_manifest)
+from visiond.data.manifest import (
+    DISCARDED_DIR,
+    IMAGES_DIR,
+    INBOX_DIR,
+    SPLITS,
+    Sample,
+    encode_image,
+    manifest_path,
+    read_manifest,
+    sha256_bytes,
+    validate_label,
+    write_manifest,
+)
 from visiond.errors import UserError
 from visiond.fsutil import atomic_copy, atomic_write, fsync_dir
 from visiond.timefmt import rfc3339

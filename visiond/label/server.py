@@ -3,8 +3,8 @@
 Stdlib `ThreadingHTTPServer`, bound to 127.0.0.1 by default. It serves only three fixed
 static files and image files that resolve inside the dataset's inbox/ or images/ (no
 symlink leads out). Requests must name this machine by IP, `localhost` or a name the
-operator allowed with `--allow-host` (no DNS rebinding), and POSTs must carry the per-run token the page was served with, so another
-site open in the operator's browser cannot label anything.
+operator allowed with `--allow-host` (no DNS rebinding), and POSTs must carry the per-run
+token the page was served with, so another site open in the operator's browser cannot label anything.
 """
 
 from __future__ import annotations

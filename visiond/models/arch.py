@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import nn
 import torchvision.models as tvm
+from torch import nn
 
 
 class SmallCNN(nn.Module):

@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 
 from visiond.config import CameraConfig
-from visiond.logs import redact_url
 from visiond.frames import Frame
+from visiond.logs import redact_url
 from visiond.serve.metrics import Metrics
 from visiond.serve.queues import FrameQueue
 from visiond.video import RoiError, is_live, open_capture, roi_slices

@@ -13,11 +13,10 @@ import threading
 import time
 from typing import Callable, Protocol, Sequence
 
-
-from visiond.serve.decide import Decider, DefectDebouncer
 from visiond.frames import Frame, ModelRef, Prediction, Timings
-from visiond.serve.metrics import Metrics
 from visiond.models.runtime import Classifier
+from visiond.serve.decide import Decider, DefectDebouncer
+from visiond.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

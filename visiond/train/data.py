@@ -22,8 +22,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from visiond.data.manifest import DISCARDED_DIR, INBOX_DIR, SPLITS, Sample, classes_of, dataset_hash, load_image, \
-    manifest_path, read_manifest
+from visiond.data.manifest import (
+    DISCARDED_DIR,
+    INBOX_DIR,
+    SPLITS,
+    Sample,
+    classes_of,
+    dataset_hash,
+    load_image,
+    manifest_path,
+    read_manifest,
+)
 from visiond.data.split import split_dataset
 from visiond.errors import UserError
 from visiond.preprocess import PreprocessSpec, resize_uint8

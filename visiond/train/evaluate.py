@@ -174,8 +174,10 @@ def _write_report(path: Path, ckpt: Checkpoint, opts: EvaluateOptions, m: dict, 
     if thr["classes"]:
         lines += ["", f"## Defect thresholds (target recall {thr['target_recall']})", "",
                   "| class | threshold | precision | recall | positives |", "|---|---:|---:|---:|---:|"]
+        def fmt(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.4g}"
+
         for c, t in thr["classes"].items():
-            fmt = (lambda v: "n/a" if v is None else f"{v:.4g}")
             lines.append(f"| {c} | {fmt(t['threshold'])} | {fmt(t['precision'])} | {fmt(t['recall'])} | "
                          f"{t['positives']} |")
         lines += [""] + [f"![pr {c}](pr_{c}.png)" for c in thr["classes"]]

@@ -69,7 +69,8 @@ class TrainOptions:
 
     def validate(self) -> None:
         """Fail before any work, naming the valid choices."""
-        choices = {"arch": (self.arch, tuple(dict.fromkeys(ARCHITECTURES + BASELINES))), "optimizer": (self.optimizer, OPTIMIZERS),
+        choices = {"arch": (self.arch, tuple(dict.fromkeys(ARCHITECTURES + BASELINES))),
+                   "optimizer": (self.optimizer, OPTIMIZERS),
                    "scheduler": (self.scheduler, SCHEDULERS), "class-weights": (self.class_weights, CLASS_WEIGHTS),
                    "monitor": (self.monitor, MONITORS), "augment": (self.augment, tuple(PRESETS))}
         for opt, (value, valid) in choices.items():
