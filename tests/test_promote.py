@@ -45,6 +45,19 @@ def version(path: Path) -> str:
     return load_checkpoint(path).version
 
 
+def service_state_dir(tmp_path: Path) -> Path:
+    """A StateDirectory= as systemd makes it: owned by the service's user, 0750."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o750)
+    os.chown(state, SERVICE_UID, SERVICE_UID)
+    return state
+
+
+def promote_as_root(umask: str, checkpoint: Path, target: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", "-c", f"umask {umask} && {sys.executable} -m visiond promote {checkpoint} "
+                                       f"--to {target}"], capture_output=True, text=True, timeout=120)
+
+
 def test_a_broken_served_file_never_replaces_the_last_good_backup(tmp_path, models):
     target = tmp_path / "serve" / "model.ckpt"
     assert visiond("promote", str(models[0]), "--to", str(target)).returncode == 0
@@ -88,16 +101,12 @@ def test_backups_are_a_bounded_history_and_rollback_walks_it(tmp_path, models):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file another owner needs root, as promote under sudo has")
 def test_the_installed_model_keeps_the_mode_and_owner_of_the_file_it_replaces(tmp_path, models):
-    state = tmp_path / "state"
-    state.mkdir(mode=0o750)
-    os.chown(state, SERVICE_UID, SERVICE_UID)
-    target = state / "model.ckpt"
+    target = service_state_dir(tmp_path) / "model.ckpt"
     assert visiond("promote", str(models[0]), "--to", str(target)).returncode == 0
     os.chown(target, SERVICE_UID, SERVICE_UID)
     target.chmod(0o640)
     # when root promotes under a strict umask
-    r = subprocess.run(["sh", "-c", f"umask 077 && {sys.executable} -m visiond promote {models[1]} --to {target}"],
-                       capture_output=True, text=True, timeout=120)
+    r = promote_as_root("077", models[1], target)
     # then the service can still read its model: same mode and owner as the file replaced
     assert r.returncode == 0, r.stderr
     st = target.stat()
@@ -108,20 +117,16 @@ def test_the_installed_model_keeps_the_mode_and_owner_of_the_file_it_replaces(tm
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a directory owned by another user needs root to set up")
 def test_a_first_install_the_service_could_not_read_is_refused(tmp_path, models):
-    state = tmp_path / "state"
-    state.mkdir(mode=0o750)
-    os.chown(state, SERVICE_UID, SERVICE_UID)
+    state = service_state_dir(tmp_path)
     target = state / "model.ckpt"
     # when root installs the first model under umask 077 (a root-only 0600 file)
-    r = subprocess.run(["sh", "-c", f"umask 077 && {sys.executable} -m visiond promote {models[0]} --to {target}"],
-                       capture_output=True, text=True, timeout=120)
+    r = promote_as_root("077", models[0], target)
     # then it is refused in one line that says why and what to do, and nothing is installed
     assert r.returncode == 2, r.stderr
     assert f"uid {SERVICE_UID}" in r.stderr and "could not read" in r.stderr and "Traceback" not in r.stderr
     assert not target.exists() and list(state.iterdir()) == []
     # and under the usual umask it installs, readable by the service
-    r = subprocess.run(["sh", "-c", f"umask 022 && {sys.executable} -m visiond promote {models[0]} --to {target}"],
-                       capture_output=True, text=True, timeout=120)
+    r = promote_as_root("022", models[0], target)
     assert r.returncode == 0, r.stderr
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
 

@@ -7,6 +7,7 @@ bench never imports training), once into a cache directory that later runs reuse
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -68,6 +69,16 @@ def _progress():
                     console=Console(stderr=True))
 
 
+@contextlib.contextmanager
+def _scratch(cache: Path, prefix: str):
+    """A work folder in the cache, removed afterwards: a result is renamed into place only when whole."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=cache))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _bench_video(cache: Path) -> Path:
     """The synthetic line as an H.264 video, rendered once (into a temporary name, then renamed)."""
     from visiond.errors import UserError
@@ -76,18 +87,15 @@ def _bench_video(cache: Path) -> Path:
     video = cache / "line.mp4"
     if video.exists():
         return video
-    work = Path(tempfile.mkdtemp(prefix="render-", dir=cache))
-    try:
-        with _progress() as bar:
+    with _scratch(cache, "render-") as work, _progress() as bar:
+        try:
             task = bar.add_task("rendering the synthetic line", total=_BENCH_VIDEO_FRAMES)
             truth = synthline.render_video(work / video.name, _BENCH_VIDEO_FRAMES, _BENCH_VIDEO_SEED,
                                            on_frame=lambda: bar.advance(task))
-        os.replace(truth, synthline.truth_path(video))
-        os.replace(work / video.name, video)  # last: the video's presence says both files are whole
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise UserError(f"bench: cannot render the default video: {exc} (or pass --video)") from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            os.replace(truth, synthline.truth_path(video))
+            os.replace(work / video.name, video)  # last: the video's presence says both files are whole
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise UserError(f"bench: cannot render the default video: {exc} (or pass --video)") from None
     return video
 
 
@@ -101,8 +109,7 @@ def _bench_checkpoint(cache: Path) -> Path:
     checkpoint = cache / "model.ckpt"
     if checkpoint.exists():
         return checkpoint
-    work = Path(tempfile.mkdtemp(prefix="train-", dir=cache))
-    try:
+    with _scratch(cache, "train-") as work:
         with _progress() as bar:
             task = bar.add_task("rendering labelled crops", total=_BENCH_CROPS_PER_CLASS * len(synthline.CLASSES))
             synthline.render_images(work / "synthline", _BENCH_CROPS_PER_CLASS, _BENCH_CROPS_SEED, size=64,
@@ -112,8 +119,6 @@ def _bench_checkpoint(cache: Path) -> Path:
                                            epochs=_BENCH_EPOCHS, image_size=64, augment="none", seed=1,
                                            defect_classes=("scratch", "spot")))
         os.replace(result.best, checkpoint)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return checkpoint
 
 

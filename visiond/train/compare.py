@@ -104,7 +104,7 @@ def check_overlap(models: dict[str, tuple[Checkpoint, Path]], root: Path, sample
         in_val = sum(d in val for d in digests)
         if in_val and split != "val":
             notes.append(f"{in_val} {of} were in the validation set of "
-                         f"{role.upper()} {path} (they picked its best epoch)")
+                         f"{role.upper()} {path} (seen in training to score it, not learnt from)")
     if flattered and not allow and split != "train":
         counts = ", ".join(f"{role.upper()} {models[role][1]}: {n}" for role, n in overlap.items() if n)
         raise UserError(
