@@ -72,9 +72,10 @@ def train_knn(opts: TrainOptions, procs: Processes) -> TrainResult:
     arch_args = {"in_channels": spec.channels, "image_size": spec.height, "k": net.k,
                  "grid": grid_for(spec.height), "n_train": int(net.train_x.shape[0])}
     last, run_dir = last_path_for(opts.out), run_dir_for(opts.out)
+    meta, name = checkpoint_meta(opts, splits, row, 1, 1), opts.model_name()
     for path in (opts.out, last):
         save_checkpoint(path, arch="knn", classes=splits.classes, spec=spec, state_dict=net.state_dict(),
-                        arch_args=arch_args, meta=checkpoint_meta(opts, splits, row, 1, 1), name=opts.model_name())
+                        arch_args=arch_args, meta=meta, name=name)
     write_history(run_dir, [row])
     log.info("knn (k=%d, %d stored images, %dx%d pooled): val accuracy %.4f, macro-F1 %.4f", net.k,
              arch_args["n_train"], net.grid, net.grid, val["accuracy"], val["macro_f1"])

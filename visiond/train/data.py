@@ -8,6 +8,7 @@ same module the runtime uses, so training and serving cannot drift apart.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ from visiond.data.manifest import (
 from visiond.data.split import split_dataset
 from visiond.errors import UserError
 from visiond.preprocess import PreprocessSpec, resize_uint8
+from visiond.train.membership import membership_meta
 from visiond.video import IMAGE_EXTS, is_image_path
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,11 @@ class DataSplits:
     val: list[Sample]
     test: list[Sample]
     hash: str
+
+    @functools.cached_property
+    def membership(self) -> dict:
+        """The checkpoint's record of the train and val images, computed once per run (files may need hashing)."""
+        return membership_meta(self.root, self.train, self.val)
 
     def class_counts(self) -> dict[str, dict[str, int]]:
         """split -> label -> count, for the checkpoint metadata."""

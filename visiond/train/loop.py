@@ -72,6 +72,7 @@ class _Run:
     loaders: tuple
     seed_gen: torch.Generator
     amp_dtype: torch.dtype | None
+    name: str  # the model line's name, resolved once (it may read the --init-from header)
 
 
 def train(opts: TrainOptions) -> TrainResult:
@@ -133,7 +134,7 @@ def _prepare(opts: TrainOptions, procs: recipe.Processes) -> _Run:
                 nn.CrossEntropyLoss(weight=weight, label_smoothing=opts.label_smoothing), optimizer, scheduler,
                 scaler, EarlyStopping(opts.early_stop, resume.info["early_stop"] if resume else None),
                 list(resume.info["history"]) if resume else [], resume.info["epoch"] if resume else 0,
-                loaders, seed_gen, torch.float16 if cuda else None)
+                loaders, seed_gen, torch.float16 if cuda else None, opts.model_name())
 
 
 def _run_epoch(run: _Run, epoch: int) -> dict:
@@ -175,7 +176,7 @@ def _save_epoch(run: _Run, row: dict, improved: bool) -> None:
     opts, state = run.opts, run.net.state_dict()
     meta = recipe.checkpoint_meta(opts, run.splits, row, row["epoch"], run.stopper.best_epoch + 1)
     kw = dict(arch=opts.arch, classes=run.splits.classes, spec=run.spec, arch_args=run.arch_args,
-              name=opts.model_name(), state_dict=state, meta=meta)
+              name=run.name, state_dict=state, meta=meta)
     if improved:
         save_checkpoint(opts.out, **kw)
     save_checkpoint(recipe.last_path_for(opts.out), **kw)

@@ -18,23 +18,14 @@ from visiond.data.manifest import Sample, sha256_file
 DIGEST = "sha256[:8]"
 DIGEST_BYTES = 8
 META_KEY = "membership"
-_MAX_CACHED = 1_000_000
-_file_digests: dict[tuple[str, int, int], bytes] = {}  # (path, size, mtime) -> digest: each epoch's save re-reads nothing
 
 
 def sample_digest(root: Path, sample: Sample) -> bytes | None:
     """The image's digest: from the manifest's sha256, else from the file; None when it cannot be read."""
     if sample.sha256:
         return bytes.fromhex(sample.sha256[:2 * DIGEST_BYTES])
-    path = Path(root) / sample.path
     try:
-        st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns)
-        if key not in _file_digests:
-            if len(_file_digests) >= _MAX_CACHED:
-                _file_digests.clear()
-            _file_digests[key] = bytes.fromhex(sha256_file(path)[:2 * DIGEST_BYTES])
-        return _file_digests[key]
+        return bytes.fromhex(sha256_file(Path(root) / sample.path)[:2 * DIGEST_BYTES])
     except OSError:
         return None
 
@@ -44,7 +35,7 @@ def _pack(digests) -> str:
 
 
 def membership_meta(root: Path, train: list[Sample], val: list[Sample]) -> dict:
-    """The checkpoint's `membership` entry: the train and val images by digest."""
+    """The checkpoint's `membership` entry: the train and val images by digest (once per run: `DataSplits.membership`)."""
     return {"digest": DIGEST, "train": _pack(sample_digest(root, s) for s in train),
             "val": _pack(sample_digest(root, s) for s in val)}
 

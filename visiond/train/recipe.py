@@ -24,7 +24,7 @@ from visiond.models.runtime import resolve_device
 from visiond.preprocess import PreprocessSpec
 from visiond.train import transfer
 from visiond.train.data import BalancedSampler, DataSplits
-from visiond.train.membership import META_KEY, membership_meta
+from visiond.train.membership import META_KEY
 from visiond.train.options import TrainOptions
 
 
@@ -143,7 +143,7 @@ def checkpoint_meta(opts: TrainOptions, splits: DataSplits, row: dict, epochs: i
             "val_metrics": {k[4:]: v for k, v in row.items() if k.startswith("val_")}, "epochs": epochs,
             "best_epoch": best_epoch, "seed": opts.seed, "arch": opts.arch,
             "defect_classes": list(opts.defect_classes), "train_options": opts.to_json(), **opts.extra_meta,
-            META_KEY: membership_meta(splits.root, splits.train, splits.val)}
+            META_KEY: splits.membership}
 
 
 def write_history(run_dir: Path, history: list[dict]) -> None:
