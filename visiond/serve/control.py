@@ -146,7 +146,7 @@ class Control:
         if runner is not None and runner.candidate.version == clf.version:
             # the candidate is now the served model: comparing it with itself would only report 1.0
             log.info("shadow candidate %s is now served; shadow mode ends with a final report", clf.version)
-            threading.Thread(target=self._end_shadow_of, args=(clf.version,), daemon=True).start()
+            threading.Thread(target=self.stop_shadow, kwargs={"only_version": clf.version}, daemon=True).start()
 
     # ---- commands ------------------------------------------------------------
     def command(self, verb: str, payload: bytes) -> None:
@@ -193,8 +193,7 @@ class Control:
         """
         path = body.get("checkpoint")
         if path is None:
-            threading.Thread(target=self.stop_shadow, kwargs={"final_report": True}, daemon=True).start()
-            self.mqtt.set_detail({"shadow": None})
+            threading.Thread(target=self.stop_shadow, daemon=True).start()
             return
         if not isinstance(path, str) or not path.strip():
             self._cmd_error("shadow", f"checkpoint {str(path)[:64]!r}: expected a checkpoint path or null")
@@ -249,19 +248,13 @@ class Control:
                                              "interval_s": self.cfg.model.shadow_interval_s}, **_NO_ERROR})
             return True
 
-    def _end_shadow_of(self, version: str) -> None:
-        """Stop the shadow run if its candidate is still `version` (a newer candidate may have replaced it)."""
+    def stop_shadow(self, final_report: bool = True, only_version: str | None = None) -> None:
+        """End the candidate's run, if any (with `only_version`: only while that candidate is the one running);
+        its last (partial) window is reported when asked, and `status/detail` says shadow is off."""
         with self._shadow_lock:
             runner = self.shadow.runner
-            if runner is None or runner.candidate.version != version:
+            if runner is None or only_version not in (None, runner.candidate.version):
                 return
             self.shadow.replace(None)
-        runner.stop(final_report=True)
+            runner.stop(final_report=final_report)
         self.mqtt.set_detail({"shadow": None})
-
-    def stop_shadow(self, final_report: bool = True) -> None:
-        """End the candidate's run, if any; its last (partial) window is reported when asked."""
-        with self._shadow_lock:
-            old = self.shadow.replace(None)
-            if old is not None:
-                old.stop(final_report=final_report)
