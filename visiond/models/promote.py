@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from visiond.errors import CheckpointError, UserError
-from visiond.fsutil import atomic_replace
+from visiond.fsutil import atomic_replace, fsync_dir
 from visiond.models.checkpoint import Checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,14 @@ def config_target(config_path: str | Path) -> Path:
     return Path(load_config(config_path).model.checkpoint)
 
 
+def _fit_for_service(path: Path, target: Path) -> None:
+    """Before `path` becomes `target`: give it target's mode and owner (when there is a target), then make
+    sure the serving user can read it."""
+    if target.exists():
+        _take_owner_and_mode(path, target.stat())
+    check_readable_by_service(path, target)
+
+
 def _take_owner_and_mode(path: Path, like: os.stat_result) -> None:
     """Give `path` the mode and owner of the file it replaces; a non-root user keeps its own uid."""
     os.chmod(path, stat.S_IMODE(like.st_mode))
@@ -152,16 +160,13 @@ def install_checkpoint(src: str | Path, target: str | Path, *, keep: int = DEFAU
     if target.exists() and os.path.samefile(src, target):
         raise UserError(f"{src} is already {target}; nothing to promote")
     new = load_checkpoint(src)
-    old = target.stat() if target.exists() else None
-    previous_version, not_kept = _loadable(target) if old else (None, None)
+    previous_version, not_kept = _loadable(target) if target.exists() else (None, None)
     previous = None
     with atomic_replace(target) as tmp:
         shutil.copyfile(src, tmp)
-        if old is not None:
-            _take_owner_and_mode(tmp, old)
         if load_checkpoint(tmp).version != new.version:  # what we wrote is what we validated
             raise CheckpointError(f"{tmp}: the copy differs from {src}; not installed")
-        check_readable_by_service(tmp, target)
+        _fit_for_service(tmp, target)
         if previous_version is not None and keep > 0:
             previous = _rotate_backups(target, keep)
             try:
@@ -177,12 +182,18 @@ def install_checkpoint(src: str | Path, target: str | Path, *, keep: int = DEFAU
     return PromoteResult(target, new.version, previous, previous_version if previous else None, not_kept)
 
 
+def _validated(path: Path, config: str | Path | None, device: str) -> Checkpoint:
+    """Load and run it, and check it against the daemon's config when one is named."""
+    ckpt = validate_checkpoint(path, device=device)
+    if config is not None:
+        check_config_fit(ckpt, config)
+    return ckpt
+
+
 def promote(src: str | Path, target: str | Path, *, config: str | Path | None = None,
             device: str = "cpu", keep: int = DEFAULT_KEEP) -> PromoteResult:
     """Validate, optionally check against a daemon config, then install atomically."""
-    ckpt = validate_checkpoint(src, device=device)
-    if config is not None:
-        check_config_fit(ckpt, config)
+    _validated(Path(src), config, device)
     return install_checkpoint(src, target, keep=keep)
 
 
@@ -192,18 +203,12 @@ def rollback(target: str | Path, *, config: str | Path | None = None, device: st
     prev = prev_path(target)
     if not prev.exists():
         raise UserError(f"{prev}: no backup to roll back to (a promote keeps the model it replaces there)")
-    ckpt = validate_checkpoint(prev, device=device)
-    if config is not None:
-        check_config_fit(ckpt, config)
-    old = target.stat() if target.exists() else None
-    with atomic_replace(target) as tmp:
-        shutil.copyfile(prev, tmp)
-        if old is not None:
-            _take_owner_and_mode(tmp, old)
-        check_readable_by_service(tmp, target)
+    ckpt = _validated(prev, config, device)
+    _fit_for_service(prev, target)
     older = backups(target)
-    prev.unlink()
+    os.replace(prev, target)  # .prev is a whole file beside the target: one rename puts it back
     for n in range(2, len(older) + 1):
         os.replace(prev_path(target, n), prev_path(target, n - 1))
+    fsync_dir(target.parent)
     log.info("rolled %s back to version %s", target, ckpt.version)
     return PromoteResult(target, ckpt.version, prev if len(older) > 1 else None, None)
