@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Iterator
 
 
-def _create_temp(target: Path) -> tuple[int, Path]:
-    """A new, empty temp file beside `target`: (write fd, path)."""
+def _create_temp(target: Path) -> Path:
+    """A new, empty temp file beside `target`, made with mode 0o666 minus the umask."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     while True:
         tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
         try:
-            return os.open(tmp, flags, 0o666), tmp
+            os.close(os.open(tmp, flags, 0o666))
+            return tmp
         except FileExistsError:
             continue
 
@@ -60,8 +61,7 @@ def atomic_replace(target: str | Path) -> Iterator[Path]:
     as it was and removes the temp file.
     """
     target = Path(target)
-    fd, tmp = _create_temp(target)
-    os.close(fd)
+    tmp = _create_temp(target)
     try:
         yield tmp
         _fsync_path(tmp)
@@ -74,18 +74,8 @@ def atomic_replace(target: str | Path) -> Iterator[Path]:
 
 def atomic_write(target: str | Path, data: bytes) -> None:
     """Replace `target` with `data` in one rename."""
-    target = Path(target)
-    fd, tmp = _create_temp(target)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
+    with atomic_replace(target) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(target: str | Path, text: str, encoding: str = "utf-8") -> None:
