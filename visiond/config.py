@@ -22,7 +22,7 @@ from visiond.errors import UserError
 from visiond.logs import redact_url
 
 _PLACEHOLDER = re.compile(r"\$\{(VISIOND_[A-Z0-9_]+)(?::-([^}]*))?\}")
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # cameras, nodes, models: safe in topics and labels
 MAX_CONFIG_BYTES = 1024 * 1024  # a config is a page of YAML; more is a mistake or an attack
 MAX_CONFIG_VALUES = 100_000  # after alias expansion: stops a "billion laughs" before it is walked
 RESERVED_CAMERA_NAMES = frozenset({"status", "cmd"})  # node-level MQTT topics a camera name would collide with
@@ -57,7 +57,7 @@ class CaptureRules(_Model):
 
 
 class CameraConfig(_Model):
-    name: str = Field(pattern=_NAME, description="Camera name; used in topics and metric labels.")
+    name: str = Field(pattern=NAME_PATTERN, description="Camera name; used in topics and metric labels.")
     source: str = Field(
         min_length=1,
         description="rtsp://..., http(s)://..., /dev/videoN, a V4L2 index (0), a video file or an image folder.",
@@ -218,7 +218,7 @@ class CaptureConfig(_Model):
 
 
 class Config(_Model):
-    node: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "visiond", pattern=_NAME,
+    node: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "visiond", pattern=NAME_PATTERN,
                       description="This box's name in topics; default: host name.")
     cameras: Annotated[list[CameraConfig], Field(min_length=1, description="The cameras this box watches.")]
     model: ModelConfig

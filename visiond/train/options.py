@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from visiond.config import NAME_PATTERN
 from visiond.data.augment import DEFAULT_PRESET, PRESETS
 from visiond.errors import UserError
 from visiond.models.arch import ARCHITECTURES
@@ -22,7 +23,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "step", "none")
 MONITORS = ("macro_f1", "accuracy")
 BASELINES = ("knn",)
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_MODEL_NAME = re.compile(NAME_PATTERN)
 
 
 @dataclass
