@@ -10,20 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from visiond.harness.process import free_port
+from visiond.harness.process import free_port, wait_for_port
 from visiond.harness.recorder import Recorder
 
 DEMO = Path(__file__).resolve().parents[1] / "tools" / "demo.py"
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.mark.slow
@@ -33,7 +23,7 @@ def test_the_demo_starts_its_own_broker_and_leaves_one_on_1883_alone(tmp_path, l
     out = tmp_path / "demo"
     out.mkdir()
     shutil.copy(line_model, out / "model.ckpt")
-    plant = Recorder("127.0.0.1", 1883, "visiond/demo-box/#").start() if _listening(1883) else None
+    plant = Recorder("127.0.0.1", 1883, "visiond/demo-box/#").start() if wait_for_port("127.0.0.1", 1883, 0.5) else None
     try:
         # when the demo runs with its defaults
         r = subprocess.run([sys.executable, str(DEMO), "--out", str(out)], capture_output=True, text=True,

@@ -14,7 +14,6 @@ import argparse
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,20 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tools import synthline  # noqa: E402
 from visiond.harness.broker import Broker  # noqa: E402
-from visiond.harness.process import free_port  # noqa: E402
+from visiond.harness.process import free_port, wait_for_port  # noqa: E402
 from visiond.harness.recorder import Recorder  # noqa: E402
 
 OUT = ROOT / "demo-out"
 NODE_TOPICS = ["visiond/demo-box/+/prediction", "visiond/demo-box/status", "visiond/demo-box/+/event"]
 console = Console()
-
-
-def broker_reachable(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -176,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     global OUT
     args = parse_args(argv)
     OUT = args.out.resolve()
-    if args.broker is not None and not broker_reachable(*args.broker):
+    if args.broker is not None and not wait_for_port(*args.broker, timeout=0.5):
         console.print(f"[red]--broker {args.broker[0]}:{args.broker[1]}: nothing answers there; "
                       "expected a running MQTT broker (or leave --broker out for a private one)")
         return 2
