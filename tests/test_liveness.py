@@ -26,6 +26,7 @@ from visiond.serve.liveness import CAPTURE_GRACE_S, CONNECT_STALL_S, INFERENCE_S
 from visiond.serve.metrics import Metrics
 from visiond.serve.queues import FrameHub, FrameQueue
 from visiond.serve.sinks.spool import Spool
+from visiond.serve.serving import single
 from visiond.serve.worker import InferenceWorker, ModelSlot
 
 NOW = 10_000.0
@@ -69,7 +70,7 @@ def worker(classifier) -> InferenceWorker:
     """A worker that has not turned yet; tests set `last_progress` or feed it frames."""
     metrics = Metrics(process=False)
     w = InferenceWorker(FrameHub([FrameQueue("line1", 4, "latest", metrics)]),
-                        ModelSlot(classifier, Decider(CLASSES, DecideConfig())), [], metrics)
+                        ModelSlot(single(classifier, Decider(CLASSES, DecideConfig()))), [], metrics)
     w.last_progress = NOW
     return w
 

@@ -420,7 +420,7 @@ def test_a_killed_daemon_leaves_the_last_will(mosquitto, mqtt_recorder, tmp_path
 def test_commands_reach_the_callback_and_a_failing_one_does_not_stop_the_sink(mosquitto, mqtt_recorder, make_sink):
     received = []
 
-    def on_command(verb: str, payload: bytes) -> None:
+    def on_command(verb: str, payload: bytes, request=None) -> None:
         if verb == "boom":
             raise RuntimeError("handler bug")
         received.append((verb, payload))

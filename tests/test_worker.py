@@ -26,6 +26,7 @@ from visiond.serve import liveness
 from visiond.serve.decide import Decider
 from visiond.serve.metrics import Metrics
 from visiond.serve.queues import FrameHub, FrameQueue
+from visiond.serve.serving import single
 from visiond.serve.worker import InferenceWorker, ModelSlot
 
 CAMERAS = ("line1", "line2", "line3")
@@ -117,7 +118,7 @@ def test_queued_frames_of_several_cameras_share_batches_of_at_most_max_batch(mod
     # given three cameras with ten frames each waiting
     hub = queued_hub(metrics, 10)
     sink = RecordingSink()
-    worker = InferenceWorker(hub, ModelSlot(model_a, no_defects()), [sink], metrics, max_batch=4)
+    worker = InferenceWorker(hub, ModelSlot(single(model_a, no_defects())), [sink], metrics, max_batch=4)
     # when the worker runs until the cameras are done
     run_to_end(worker)
     # then every frame is classified exactly once, in batches of max_batch (the rest in the last one)
@@ -145,7 +146,7 @@ def test_each_prediction_is_the_models_verdict_on_its_own_frame(model_a, metrics
     hub = queued_hub(metrics, 6, cameras=("left", "right"))
     decider = every_frame_a_defect()
     sink = RecordingSink()
-    run_to_end(InferenceWorker(hub, ModelSlot(model_a, decider), [sink], metrics, max_batch=5))
+    run_to_end(InferenceWorker(hub, ModelSlot(single(model_a, decider)), [sink], metrics, max_batch=5))
     preds = sink.predictions
     assert len(preds) == 12
     assert len({round(p.score, 4) for p in preds}) == 12, "the model must tell these frames apart for this test"
@@ -163,7 +164,7 @@ def test_at_light_load_each_frame_goes_through_alone_at_once(model_a, metrics):
     # given a running worker and a camera that delivers a frame now and then
     q = FrameQueue("line1", 10, "latest", metrics)
     sink = RecordingSink()
-    worker = InferenceWorker(FrameHub([q]), ModelSlot(model_a, no_defects()), [sink], metrics, max_batch=16)
+    worker = InferenceWorker(FrameHub([q]), ModelSlot(single(model_a, no_defects())), [sink], metrics, max_batch=16)
     worker.start()
     try:
         for frame in frames_of("line1", 4, seed=5):
@@ -181,9 +182,9 @@ def test_at_light_load_each_frame_goes_through_alone_at_once(model_a, metrics):
 def test_a_staged_model_takes_over_between_two_batches_and_no_frame_is_lost(model_a, model_b, metrics):
     # given a worker serving model A (no defect rules) through 30 queued frames
     hub = queued_hub(metrics, 10)
-    slot = ModelSlot(model_a, no_defects())
+    slot = ModelSlot(single(model_a, no_defects()))
     switched: list[str] = []
-    slot.on_switch = lambda clf: switched.append(clf.name)
+    slot.on_switch = lambda old, new: switched.append(new.classifier.name)
     staged, reached = threading.Event(), threading.Event()
 
     def hold_after_third(n: int) -> None:  # runs on the inference thread, between two batches
@@ -196,14 +197,14 @@ def test_a_staged_model_takes_over_between_two_batches_and_no_frame_is_lost(mode
     worker.start()
     # when model B with other rules (every frame a defect) is staged from another thread after the third batch
     assert reached.wait(30)
-    slot.stage(model_b, every_frame_a_defect())
+    slot.stage(single(model_b, every_frame_a_defect()))
     staged.set()
     worker.join(timeout=60)
     assert not worker.alive() and worker.error is None
     # then the first three batches are A's and every later one is B's, whole batches each
     versions = [{p.model.version for p in b} for b in sink.batches]
     assert versions == [{model_a.version}] * 3 + [{model_b.version}] * (len(sink.batches) - 3)
-    assert switched == ["model-b"] and slot.active[0] is model_b
+    assert switched == ["model-b"] and slot.active.classifier is model_b
     # and B's rules and B's scores apply from the switch on
     for p in sink.predictions[12:]:
         assert p.defect and p.score == pytest.approx(single_frame_verdict(model_b, every_frame_a_defect(), p.frame)
@@ -217,13 +218,13 @@ def test_a_staged_model_takes_over_between_two_batches_and_no_frame_is_lost(mode
 def test_only_the_last_staged_model_is_served(model_a, model_b, tmp_path, metrics):
     # given B and then C staged before the next batch
     model_c = tiny_classifier(tmp_path, "model-c", seed=3)
-    slot = ModelSlot(model_a, no_defects())
-    slot.stage(model_b, no_defects())
-    slot.stage(model_c, no_defects())
+    slot = ModelSlot(single(model_a, no_defects()))
+    slot.stage(single(model_b, no_defects()))
+    slot.stage(single(model_c, no_defects()))
     worker = InferenceWorker(queued_hub(metrics, 1), slot, [], metrics)
     # when a batch is classified, then C serves it and B never did
     preds = worker.process(frames_of("line1", 2, seed=9))
-    assert {p.model.name for p in preds} == {"model-c"} and slot.active[0] is model_c
+    assert {p.model.name for p in preds} == {"model-c"} and slot.active.classifier is model_c
 
 
 class FailingDevice:
@@ -246,7 +247,7 @@ def test_a_classifier_error_ends_the_thread_and_names_itself_for_the_daemon(mode
     # given a device that fails on the third batch, with 30 frames queued
     hub = queued_hub(metrics, 10)
     sink = RecordingSink()
-    worker = InferenceWorker(hub, ModelSlot(FailingDevice(model_a, 3), no_defects()), [sink], metrics, max_batch=4)
+    worker = InferenceWorker(hub, ModelSlot(single(FailingDevice(model_a, 3), no_defects())), [sink], metrics, max_batch=4)
     # when the worker runs
     with caplog.at_level(logging.ERROR, logger="visiond.serve.worker"):
         worker.start()
@@ -275,7 +276,7 @@ class BrokenSink:
 def test_a_failing_sink_never_stops_the_other_sinks_or_the_model(model_a, metrics, caplog):
     # given a sink that raises on every batch, listed before a working one
     broken, sink = BrokenSink(), RecordingSink()
-    worker = InferenceWorker(queued_hub(metrics, 5), ModelSlot(model_a, no_defects()), [broken, sink], metrics,
+    worker = InferenceWorker(queued_hub(metrics, 5), ModelSlot(single(model_a, no_defects())), [broken, sink], metrics,
                              max_batch=4)
     # when the worker runs through every frame
     with caplog.at_level(logging.ERROR, logger="visiond.serve.worker"):
@@ -296,8 +297,8 @@ def test_defect_events_are_debounced_per_camera_and_a_failing_event_hook_is_surv
             raise ConnectionError("broker gone")
 
     worker = InferenceWorker(queued_hub(metrics, 5, cameras=("left", "right")),
-                             ModelSlot(model_a, every_frame_a_defect()), [RecordingSink()], metrics, max_batch=3,
-                             on_event=on_event, debounce_frames=3)
+                             ModelSlot(single(model_a, every_frame_a_defect())), [RecordingSink()], metrics, max_batch=3,
+                             on_event=on_event, debounce=3)
     # when ten defect frames of two cameras are classified
     with caplog.at_level(logging.ERROR, logger="visiond.serve.worker"):
         run_to_end(worker)

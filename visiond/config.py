@@ -56,6 +56,52 @@ class CaptureRules(_Model):
         description="Skip a frame whose perceptual hash is within this many bits of a recent capture; -1 = off.")
 
 
+def _check_rect(v):
+    if v is not None and (v[0] < 0 or v[1] < 0 or v[2] <= 0 or v[3] <= 0):
+        raise ValueError("expected x >= 0, y >= 0, w > 0, h > 0")
+    return v
+
+
+class RoiConfig(_Model):
+    """One inspection point of a camera: a named crop, optionally with its own model and threshold."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="ROI name; used in payloads, topics of doors and evidence.")
+    rect: tuple[int, int, int, int] = Field(description="x, y, w, h in pixels of the full frame.")
+    model: str | None = Field(None, pattern=NAME_PATTERN,
+                              description="A key of `models` (or of the recipe's models); default: `model`.")
+    threshold: float | None = Field(None, ge=0, le=1,
+                                    description="Defect threshold of this ROI (every defect class); default: decide.")
+
+    @field_validator("rect")
+    @classmethod
+    def _rect_positive(cls, v):
+        return _check_rect(v)
+
+
+def _unique_rois(rois: list[RoiConfig] | None) -> list[RoiConfig] | None:
+    if rois is not None:
+        names = [r.name for r in rois]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"ROI names must be unique per camera, repeated: {', '.join(dup)}")
+    return rois
+
+
+class InspectConfig(_Model):
+    """How a triggered camera inspects one part."""
+
+    frames: int = Field(3, ge=1, le=100, description="Frames per trigger (a burst), captured after the trigger.")
+    interval_ms: float = Field(30, ge=0, le=10_000, description="Spacing of the burst's frames.")
+    aggregate: Literal["worst", "majority", "mean"] = Field(
+        "worst", description="Per ROI over the burst: worst (any defect frame makes it NG), majority, mean (of "
+        "probabilities).")
+    deadline_ms: float = Field(2000, gt=0, le=600_000,
+                               description="Trigger to verdict; a part not decided by then is answered ERROR.")
+    queue: int = Field(8, ge=1, le=10_000,
+                       description="Triggers waiting behind the running one; beyond it a trigger is answered ERROR busy.")
+    keep_frames: int = Field(8, ge=1, le=1000, description="Newest frames kept between triggers.")
+
+
 class CameraConfig(_Model):
     name: str = Field(pattern=NAME_PATTERN, description="Camera name; used in topics and metric labels.")
     source: str = Field(
@@ -77,6 +123,23 @@ class CameraConfig(_Model):
                                   "Any source: a read blocked 10 s past this is a hung driver (watchdog pings stop).")
     capture: CaptureRules | None = Field(
         None, description="This camera's capture rules; default: the top-level capture.rules.")
+    mode: Literal["stream", "triggered"] = Field(
+        "stream", description="stream: classify every frame; triggered: an inspection station, a burst per trigger.")
+    rois: list[RoiConfig] | None = Field(
+        None, min_length=1, max_length=64,
+        description="Named inspection points; default: one ROI 'full' (the camera's roi, or the whole frame).")
+    inspect: InspectConfig = Field(default_factory=InspectConfig, description="Triggered mode: the burst per trigger.")
+
+    @field_validator("rois")
+    @classmethod
+    def _rois_unique(cls, v):
+        return _unique_rois(v)
+
+    @model_validator(mode="after")
+    def _roi_or_rois(self):
+        if self.roi is not None and self.rois is not None:
+            raise ValueError("give either roi (one crop) or rois (named inspection points), not both")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -88,9 +151,7 @@ class CameraConfig(_Model):
     @field_validator("roi")
     @classmethod
     def _roi_positive(cls, v):
-        if v is not None and (v[0] < 0 or v[1] < 0 or v[2] <= 0 or v[3] <= 0):
-            raise ValueError("expected x >= 0, y >= 0, w > 0, h > 0")
-        return v
+        return _check_rect(v)
 
     @field_validator("source")
     @classmethod
@@ -134,13 +195,36 @@ class ModelConfig(_Model):
         return v
 
 
+class DebounceConfig(_Model):
+    n: int = Field(3, ge=1, le=10000, description="Defect frames among the last m that start an event.")
+    m: int | None = Field(None, ge=1, le=10000, description="Window for the start; default n (n in a row).")
+    end_n: int | None = Field(None, ge=1, le=10000, description="Clean frames among the last end_m that end it; default n.")
+    end_m: int | None = Field(None, ge=1, le=10000, description="Window for the end; default m.")
+
+    @model_validator(mode="after")
+    def _n_within_m(self):
+        m, end_n = self.m or self.n, self.end_n or self.n
+        end_m = self.end_m or m
+        if self.n > m or end_n > end_m:
+            raise ValueError(f"expected n <= m and end_n <= end_m, got n={self.n} m={m} end_n={end_n} end_m={end_m}")
+        return self
+
+    def resolved(self) -> tuple[int, int, int, int]:
+        m = self.m or self.n
+        return self.n, m, self.end_n or self.n, self.end_m or m
+
+
 class DecideConfig(_Model):
     defect_classes: list[str] = Field(default_factory=list, description="Labels that mean a defect.")
     threshold: float | dict[str, float] = Field(
         0.5, description="Score a defect class needs to count as a defect; one number or per class."
     )
     top_k: int = Field(3, ge=1, le=100, description="How many {label, score} pairs go into `top`.")
-    debounce_frames: int = Field(3, ge=1, le=10000, description="Frames in a row before a defect event begins or ends.")
+    debounce_frames: int = Field(3, ge=1, le=10000,
+                                 description="Shorthand: this many frames in a row start or end a defect event.")
+    debounce: DebounceConfig | None = Field(
+        None, description="N of the last M frames (per camera and ROI) start an event, end_n of end_m clean ones "
+        "end it; overrides debounce_frames.")
 
     @field_validator("threshold")
     @classmethod
@@ -217,6 +301,48 @@ class CaptureConfig(_Model):
     rules: CaptureRules = Field(default_factory=CaptureRules, description="Rules of cameras without their own capture section.")
 
 
+class NamedModelConfig(_Model):
+    """An extra checkpoint ROIs may name (`cameras[].rois[].model`)."""
+
+    checkpoint: Path = Field(description="The checkpoint of this model.")
+    defect_classes: list[str] | None = Field(
+        None, description="Its defect labels; default: decide.defect_classes that this model has.")
+    threshold: float | dict[str, float] | None = Field(None, description="Its threshold(s); default: decide.threshold.")
+
+
+class RecipeCameraConfig(_Model):
+    rois: list[RoiConfig] = Field(min_length=1, max_length=64, description="This camera's ROIs under the recipe.")
+
+    @field_validator("rois")
+    @classmethod
+    def _rois_unique(cls, v):
+        return _unique_rois(v)
+
+
+class RecipeConfig(_Model):
+    """A product: its checkpoints, ROIs and decision rules, switched in as one set (product changeover)."""
+
+    model: Path | None = Field(None, description="The default checkpoint under this recipe; default: model.checkpoint.")
+    models: dict[str, NamedModelConfig] = Field(default_factory=dict, description="Named models, added to `models`.")
+    cameras: dict[str, RecipeCameraConfig] = Field(default_factory=dict, description="ROIs per camera.")
+    decide: DecideConfig | None = Field(None, description="Decision rules; default: the top-level decide.")
+
+
+class ResultsConfig(_Model):
+    db: Path | None = Field(None, description="The verdict store (SQLite); default <spool.dir>/results.db.")
+    keep_days: float = Field(90, ge=0, le=36500, description="Rows older than this are deleted (0 = keep all).")
+
+
+class EvidenceConfig(_Model):
+    dir: Path | None = Field(None, description="Where evidence images go; default <spool.dir>/evidence.")
+    save: Literal["ng", "all", "none"] = Field("ng", description="ng: NG and ERROR parts; all; none.")
+    sample_ok: float = Field(0.0, ge=0, le=1, description="Also keep this fraction of OK parts.")
+    annotated: bool = Field(True, description="Also write a copy with ROI boxes, labels, scores and the verdict.")
+    keep_days: float = Field(30, ge=0, le=36500, description="Older evidence is deleted (0 = keep all).")
+    quota_mb: float = Field(2000, ge=0, description="Size bound; the oldest go first (0 = no bound).")
+    stream_events: bool = Field(False, description="Stream cameras: keep the frame that started a defect event.")
+
+
 class Config(_Model):
     node: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "visiond", pattern=NAME_PATTERN,
                       description="This box's name in topics; default: host name.")
@@ -229,6 +355,49 @@ class Config(_Model):
     jsonl: JsonlConfig = Field(default_factory=JsonlConfig)
     capture: CaptureConfig = Field(default_factory=CaptureConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    models: dict[str, NamedModelConfig] = Field(default_factory=dict,
+                                                description="Extra named checkpoints ROIs may use; `model` stays the default.")
+    recipes: dict[str, RecipeConfig] = Field(default_factory=dict, description="Products, switched by cmd/recipe.")
+    recipe: str | None = Field(None, description="The recipe served at start; default: none (the config as it is).")
+    results: ResultsConfig = Field(default_factory=ResultsConfig)
+    evidence: EvidenceConfig = Field(default_factory=EvidenceConfig)
+
+    @property
+    def results_db(self) -> Path:
+        return self.results.db or Path(self.spool.dir) / "results.db"
+
+    @property
+    def evidence_dir(self) -> Path:
+        return self.evidence.dir or Path(self.spool.dir) / "evidence"
+
+    @model_validator(mode="after")
+    def _names_resolve(self):
+        cams = {c.name: c for c in self.cameras}
+        for key in list(self.models) + [k for r in self.recipes.values() for k in r.models]:
+            if not re.match(NAME_PATTERN, key):
+                raise ValueError(f"model name {key!r}: expected letters, digits, _ . - (at most 64)")
+        for name in self.recipes:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"recipe name {name!r}: expected letters, digits, _ . - (at most 64)")
+        for cam in self.cameras:
+            for roi in cam.rois or []:
+                if roi.model is not None and roi.model not in self.models:
+                    raise ValueError(f"cameras[{cam.name}].rois[{roi.name}].model: {roi.model!r} is not a key of "
+                                     f"models ({', '.join(sorted(self.models)) or 'none defined'})")
+        for rname, recipe in self.recipes.items():
+            known = {**self.models, **recipe.models}
+            for cname, rc in recipe.cameras.items():
+                if cname not in cams:
+                    raise ValueError(f"recipes.{rname}.cameras: {cname!r} is not a camera "
+                                     f"(expected one of {', '.join(cams)})")
+                for roi in rc.rois:
+                    if roi.model is not None and roi.model not in known:
+                        raise ValueError(f"recipes.{rname}.cameras.{cname}.rois[{roi.name}].model: {roi.model!r} "
+                                         f"is not a model of the recipe or of models")
+        if self.recipe is not None and self.recipe not in self.recipes:
+            raise ValueError(f"recipe: {self.recipe!r} is not a key of recipes "
+                             f"({', '.join(sorted(self.recipes)) or 'none defined'})")
+        return self
 
     @model_validator(mode="after")
     def _unique_cameras(self):
@@ -352,6 +521,14 @@ def check_files(cfg: Config) -> list[str]:
     problems = []
     if not cfg.model.checkpoint.exists():
         problems.append(f"model.checkpoint: got '{cfg.model.checkpoint}', expected an existing checkpoint file")
+    for key, named in cfg.models.items():
+        if not named.checkpoint.exists():
+            problems.append(f"models.{key}.checkpoint: got '{named.checkpoint}', expected an existing checkpoint file")
+    for rname, recipe in cfg.recipes.items():
+        paths = [("model", recipe.model)] + [(f"models.{k}.checkpoint", m.checkpoint) for k, m in recipe.models.items()]
+        for key, path in paths:
+            if path is not None and not path.exists():
+                problems.append(f"recipes.{rname}.{key}: got '{path}', expected an existing checkpoint file")
     if cfg.model.shadow is not None and not cfg.model.shadow.exists():
         problems.append(f"model.shadow: got '{cfg.model.shadow}', expected an existing checkpoint file")
     if cfg.mqtt.tls:

@@ -47,7 +47,15 @@ class Prediction:
     model: ModelRef
     timings: Timings
     batch_id: int = 0  # which model call classified it (audit trail, batching tests)
+    roi: str = "full"  # the camera's inspection point (DESIGN.md "Inspecting parts"); "full" without rois
+    crop: np.ndarray | None = None  # what the model saw (the ROI of the full frame); None = the whole frame
+    served_default: bool = True  # classified by the default model (shadow mode compares only those)
 
     @property
     def camera(self) -> str:
         return self.frame.camera
+
+    @property
+    def image(self) -> np.ndarray:
+        """The pixels the model classified: the ROI's crop of the full-resolution frame."""
+        return self.frame.image if self.crop is None else self.crop

@@ -22,9 +22,11 @@ from visiond.errors import UserError
 from visiond.models.checkpoint import CheckpointError, load_checkpoint
 from visiond.models.runtime import Classifier, make_classifier
 from visiond.serve.decide import Decider
+from visiond.serve.inspect.service import trigger_from
 from visiond.serve.metrics import Metrics
+from visiond.serve.serving import ServingSet, SetBuilder
 from visiond.serve.sinks.capture import CaptureSink
-from visiond.serve.sinks.mqtt import MqttSink
+from visiond.serve.sinks.mqtt import MqttSink, Request
 from visiond.serve.sinks.shadow import ShadowRunner, ShadowSink
 from visiond.serve.worker import ModelSlot
 
@@ -34,8 +36,50 @@ _NO_ERROR = {"last_error": None, "last_error_at": None}  # a later success super
 _REFUSED = (CheckpointError, UserError, ValueError, RuntimeError, OSError)  # a candidate that cannot serve
 
 
+class ModelLoader:
+    """Loads, checks and warms the checkpoints a serving set needs; an unchanged file is not loaded twice.
+
+    A file is known by its `file_identity`, so a checkpoint replaced on disk is loaded again
+    (hot reload) while a recipe switching back to models it used before gets them warm.
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.builder = SetBuilder(cfg)
+        self._cache: dict[str, tuple] = {}  # resolved path -> (identity, classifier, checkpoint thresholds)
+        self._lock = threading.Lock()
+
+    def load(self, path: Path) -> tuple[Classifier, dict]:
+        key = str(Path(path).resolve())
+        ident = file_identity(Path(path))
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is not None and hit[0] == ident and ident is not None:
+            return hit[1], hit[2]
+        ckpt = load_checkpoint(path)
+        clf = classifier_for(self.cfg, ckpt)
+        clf.warmup(self.cfg.model.max_batch)
+        with self._lock:
+            self._cache[key] = (ident, clf, dict(ckpt.thresholds or {}))
+        return clf, dict(ckpt.thresholds or {})
+
+    def build(self, recipe: str | None) -> ServingSet:
+        """Every model of the recipe (None: the config's own) loaded and warmed, ROIs and rules checked."""
+        models, thresholds = {}, {}
+        for key, (path, _named) in self.builder.checkpoints(recipe).items():
+            models[key], thresholds[key] = self.load(path)
+        return self.builder.build(recipe, models, thresholds)
+
+    def retain(self, *sets: ServingSet) -> None:
+        """Forget models no set in `sets` uses (their memory goes with the last batch that used them)."""
+        keep = {str(Path(p).resolve()) for st in sets if st is not None for p in st.paths.values()}
+        with self._lock:
+            for key in [k for k in self._cache if k not in keep]:
+                del self._cache[key]
+
+
 def load_model(cfg: Config) -> tuple[Classifier, Decider]:
-    """Load, check against the config, and warm a checkpoint; raises CheckpointError/UserError."""
+    """The configured checkpoint loaded, checked against the config and warmed (the served default model)."""
     ckpt = load_checkpoint(cfg.model.checkpoint)
     decider = Decider(ckpt.classes, cfg.decide, ckpt.thresholds)
     clf = classifier_for(cfg, ckpt)
@@ -47,6 +91,14 @@ def classifier_for(cfg: Config, ckpt) -> Classifier:
     """The configured runtime for a loaded checkpoint (served or shadow)."""
     return make_classifier(ckpt, runtime=cfg.model.runtime, device=cfg.model.device, precision=cfg.model.precision,
                            threads=cfg.model.threads, cache_dir=Path(cfg.spool.dir) / "models")
+
+
+def serving_detail(serving: ServingSet, cfg: Config) -> dict:
+    """The served set as `status/detail` shows it: default model, recipe, every model and each camera's ROIs."""
+    return {"model": model_detail(serving.classifier), "recipe": serving.recipe, "recipes": sorted(cfg.recipes),
+            "models": serving.versions(),
+            "rois": {cam.name: [{"name": p.name, "rect": list(p.rect) if p.rect else None, "model": p.model}
+                                for p in serving.plans(cam.name)] for cam in cfg.cameras}}
 
 
 def model_detail(clf) -> dict:
@@ -80,8 +132,11 @@ class Control:
     """
 
     def __init__(self, cfg: Config, metrics: Metrics, slot: ModelSlot, mqtt: MqttSink, shadow: ShadowSink,
-                 capture: CaptureSink | None, checkpoint_seen):
+                 capture: CaptureSink | None, checkpoint_seen, loader: ModelLoader | None = None):
         self.cfg = cfg
+        self.loader = loader or ModelLoader(cfg)
+        self.inspection = None  # the InspectionService, when the config has triggered cameras (set by the daemon)
+        self._recipe_job: _RecipeJob | None = None
         self.metrics = metrics
         self.slot = slot
         self.mqtt = mqtt
@@ -100,12 +155,12 @@ class Control:
             threading.Thread(target=self.reload, args=("file change",), daemon=True).start()
 
     def reload(self, why: str = "request") -> bool:
-        """Load and warm the checkpoint beside the serving model; switch between two batches."""
+        """Load and warm the served set's changed checkpoints beside it; switch between two batches."""
         with self._reload_lock:
             log.info("reloading model (%s)", why)
             try:
-                clf, decider = load_model(self.cfg)
-                self._check_fit(clf)
+                serving = self.loader.build(self.slot.active.recipe)
+                self._check_fit(serving.classifier)
             except _REFUSED as exc:
                 msg = _first_line(exc)
                 self.metrics.model_reload_failures.inc()
@@ -113,13 +168,54 @@ class Control:
                 now = time.time()
                 self._error(f"reload refused: {msg}", now, last_reload={"result": "refused", "why": msg, "at": now})
                 return False
+            clf = serving.classifier
             log.info("model %s %s loaded and warmed; it takes over at the next batch", clf.name, clf.version)
-            self.slot.stage(clf, decider)
+            self.slot.stage(serving)
             return True
+
+    # ---- recipes (product changeover) ----------------------------------------------
+    def switch_recipe(self, name: str, timeout: float) -> ServingSet:
+        """Serve recipe `name` (its models loaded and warmed beside the serving ones, switched between two
+        batches); returns the set once it serves. Raises UserError (unknown, refused: the old one keeps
+        serving) or TimeoutError (still loading: the switch goes on, the caller stops waiting)."""
+        if name not in self.cfg.recipes:
+            raise UserError(f"recipe {name!r} is not configured (expected one of: "
+                            f"{', '.join(sorted(self.cfg.recipes)) or 'none'})")
+        with self._reload_lock:
+            active = self.slot.active
+            if active.recipe == name and self.slot.staged is None:
+                return active
+            job = self._recipe_job
+            if job is None or job.name != name or job.done.is_set():
+                job = self._recipe_job = _RecipeJob(name)
+                threading.Thread(target=self._run_recipe_job, args=(job,), name=f"recipe-{name}",
+                                 daemon=True).start()
+        if not job.done.wait(max(0.0, timeout)):
+            raise TimeoutError(f"recipe {name!r} is still loading")
+        if job.error is not None:
+            raise UserError(job.error)
+        if not self.slot.wait_switched(job.serving, max(0.0, timeout)):
+            raise TimeoutError(f"recipe {name!r} is loaded but not yet serving")
+        return job.serving
+
+    def _run_recipe_job(self, job: _RecipeJob) -> None:
+        try:
+            with self._reload_lock:
+                serving = self.loader.build(job.name)
+                self.slot.stage(serving)
+            job.serving = serving
+            log.info("recipe %s loaded and warmed; it takes over at the next batch", job.name)
+        except _REFUSED as exc:
+            job.error = f"recipe {job.name!r} refused, {self.slot.active.recipe or 'the config'} keeps serving: " \
+                        f"{_first_line(exc)}"
+            log.error("%s", job.error)
+            self._error(job.error)
+        finally:
+            job.done.set()
 
     def _check_fit(self, clf) -> None:
         """Refuse a checkpoint the running config cannot serve (the Decider has checked the classes)."""
-        old = self.slot.active[0]
+        old = self.slot.active.classifier
         spec = clf.spec
         if spec.channels != old.spec.channels:
             raise UserError(f"new model wants {spec.channels} colour channel(s), the serving one {old.spec.channels}")
@@ -135,13 +231,17 @@ class Control:
         if probs.shape != (1, len(clf.classes)):
             raise UserError(f"new model gives {probs.shape[-1]} scores for its {len(clf.classes)} classes")
 
-    def model_switched(self, clf) -> None:
-        """The slot's switch callback (inference thread): metrics and `status/detail` name the new model."""
+    def model_switched(self, old: ServingSet, new: ServingSet) -> None:
+        """The slot's switch callback (inference thread): metrics, `status/detail` and `recipe` name the new set."""
+        clf = new.classifier
         self.metrics.set_model(clf.name, clf.version, clf.arch)
         now = time.time()
-        self.mqtt.set_detail({"model": model_detail(clf), "last_reload_at": now,
-                              "last_reload": {"result": "switched", "version": clf.version, "at": now},
+        self.mqtt.set_detail({**serving_detail(new, self.cfg), "last_reload_at": now,
+                              "last_reload": {"result": "switched", "version": clf.version, "recipe": new.recipe,
+                                              "at": now},
                               **_NO_ERROR})
+        self.mqtt.set_recipe(new.recipe, new.versions())
+        self.loader.retain(old, new, self.slot.staged)
         runner = self.shadow.runner
         if runner is not None and runner.candidate.version == clf.version:
             # the candidate is now the served model: comparing it with itself would only report 1.0
@@ -149,27 +249,78 @@ class Control:
             threading.Thread(target=self.stop_shadow, kwargs={"only_version": clf.version}, daemon=True).start()
 
     # ---- commands ------------------------------------------------------------
-    def command(self, verb: str, payload: bytes) -> None:
-        """MQTT thread: one `cmd/<verb>`; the sink has already refused an oversized payload."""
+    def command(self, verb: str, payload: bytes, request: Request | None = None) -> None:
+        """MQTT thread: one `cmd/<verb>`; the sink has already refused an oversized payload.
+
+        A refused command is reported in `status/detail` and, when it carried an MQTT 5 Response
+        Topic, answered there (with its Correlation Data) so a waiting PLC hears why at once.
+        """
+        request = request or Request()
         try:
             body = json.loads(payload) if payload.strip() else {}
         except (ValueError, UnicodeDecodeError) as exc:
-            self._cmd_error(verb, f"payload is not JSON ({exc.__class__.__name__}); expected a JSON object")
+            self._cmd_error(verb, f"payload is not JSON ({exc.__class__.__name__}); expected a JSON object", request)
             return
         except RecursionError:
-            self._cmd_error(verb, "payload is JSON nested too deeply; expected a flat JSON object")
+            self._cmd_error(verb, "payload is JSON nested too deeply; expected a flat JSON object", request)
             return
         if not isinstance(body, dict):
-            self._cmd_error(verb, f"payload is {type(body).__name__}; expected a JSON object")
+            self._cmd_error(verb, f"payload is {type(body).__name__}; expected a JSON object", request)
             return
-        if verb == "reload":
+        if verb == "inspect":
+            self._cmd_inspect(body, request)
+        elif verb == "recipe":
+            self._cmd_recipe(body, request)
+        elif verb == "reload":
             threading.Thread(target=self.reload, args=("cmd/reload",), daemon=True).start()
         elif verb == "capture":
             self._cmd_capture(body)
         elif verb == "shadow":
             self._cmd_shadow(body)
         else:
-            self._cmd_error(verb, "unknown command; expected one of: reload, capture, shadow")
+            self._cmd_error(verb, "unknown command; expected one of: inspect, recipe, reload, capture, shadow", request)
+
+    def _cmd_inspect(self, body: dict, request: Request) -> None:
+        """{"camera", "part_id", "trigger_id"?, "recipe"?, "frames"?}: one part's verdict, answered on the
+        Response Topic (with the Correlation Data) and on `<camera>/inspection`."""
+        if self.inspection is None:
+            self._cmd_error("inspect", "no camera has mode: triggered; expected a trigger for an inspection station",
+                            request)
+            return
+        problem = request.problem()
+        if problem is not None:
+            self._cmd_error("inspect", problem, Request())
+            return
+        try:
+            trigger = trigger_from(body, "mqtt", request.correlation, request.response_topic)
+            if request.response_topic is not None:
+                trigger.reply = lambda payload: self.mqtt.submit_reply(request, payload, trigger.camera)
+            self.inspection.trigger(trigger)
+        except ValueError as exc:
+            self._cmd_error("inspect", str(exc), request)
+
+    def _cmd_recipe(self, body: dict, request: Request) -> None:
+        """{"name"}: switch the recipe in service (in the background; refused -> status/detail, reply)."""
+        name = body.get("name")
+        if not isinstance(name, str) or name not in self.cfg.recipes:
+            self._cmd_error("recipe", f"name {str(name)[:64]!r}: expected one of the configured recipes "
+                                      f"({', '.join(sorted(self.cfg.recipes)) or 'none configured'})", request)
+            return
+
+        def run():
+            try:
+                serving = self.switch_recipe(name, timeout=600.0)
+            except (UserError, TimeoutError) as exc:
+                self._reply(request, {"command": "recipe", "ok": False, "error": str(exc)})
+                return
+            self._reply(request, {"command": "recipe", "ok": True, "recipe": serving.recipe,
+                                  "models": serving.versions()})
+
+        threading.Thread(target=run, name="cmd-recipe", daemon=True).start()
+
+    def _reply(self, request: Request, doc: dict) -> None:
+        if request.response_topic is not None and request.problem() is None:
+            self.mqtt.submit_reply(request, json.dumps(doc, separators=(",", ":")).encode())
 
     def _cmd_capture(self, body: dict) -> None:
         """{"camera": name (default: every capturing camera), "count": n (default 1)}."""
@@ -210,11 +361,13 @@ class Control:
             return
         threading.Thread(target=self.set_shadow, args=(target, "cmd/shadow"), daemon=True).start()
 
-    def _cmd_error(self, verb: str, why: str) -> None:
+    def _cmd_error(self, verb: str, why: str, request: Request | None = None) -> None:
         shown = "".join(c if c.isprintable() else "?" for c in verb[:64])  # a topic may carry a newline
         msg = f"cmd/{shown}: {why}"
         log.error("%s", msg)
         self._error(msg)
+        if request is not None:
+            self._reply(request, {"command": shown, "ok": False, "error": msg})
 
     def _error(self, msg: str, at: float | None = None, **detail) -> None:
         """`status/detail.last_error` with its time; the next success clears both (see `_NO_ERROR`)."""
@@ -233,7 +386,7 @@ class Control:
                 log.error("shadow candidate refused (%s): %s", why, msg)
                 self._error(f"shadow refused: {msg}")
                 return False
-            served = self.slot.active[0].version
+            served = self.slot.active.classifier.version
             if ckpt.version == served:
                 log.error("shadow candidate refused (%s): it is the served model (version %s)", why, served)
                 self._error(f"shadow refused: {path} is the served model (version {served}); "
@@ -258,3 +411,13 @@ class Control:
             self.shadow.replace(None)
             runner.stop(final_report=final_report)
         self.mqtt.set_detail({"shadow": None})
+
+
+class _RecipeJob:
+    """One recipe being loaded in the background; triggers that want it wait on `done`."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.done = threading.Event()
+        self.serving: ServingSet | None = None
+        self.error: str | None = None

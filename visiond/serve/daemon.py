@@ -19,13 +19,17 @@ from visiond.config import CameraConfig, Config
 from visiond.errors import UserError
 from visiond.logs import redact_url
 from visiond.serve import liveness
-from visiond.serve.control import Control, file_identity, load_model, model_detail
+from visiond.serve.control import Control, ModelLoader, file_identity, serving_detail
+from visiond.serve.inspect.evidence import EvidenceWriter
+from visiond.serve.inspect.service import InspectionService
+from visiond.serve.inspect.store import ResultsStore
 from visiond.serve.metrics import Metrics, MetricsServer
 from visiond.serve.notify import sd_notify, watchdog_interval_s
 from visiond.serve.queues import FrameHub, FrameQueue
 from visiond.serve.sinks.capture import CaptureSink
 from visiond.serve.sinks.jsonl import JsonlSink
 from visiond.serve.sinks.mqtt import MqttSink
+from visiond.serve.sinks.payloads import inspection_payload
 from visiond.serve.sinks.shadow import ShadowSink
 from visiond.serve.sinks.spool import Spool
 from visiond.serve.sources import FrameSource
@@ -35,6 +39,7 @@ from visiond.video import default_policy
 log = logging.getLogger(__name__)
 
 _STATUS_EVERY_S = 5.0  # STATUS= for `systemctl status`, also without a watchdog
+_PRUNE_EVERY_S = 3600.0  # results-store retention
 
 
 def effective_policy(cam: CameraConfig) -> str:
@@ -52,20 +57,31 @@ class Daemon:
         self._hup = False  # set by the SIGHUP handler
         self.metrics = Metrics()
         self._exit_code = 0
+        self._next_prune = time.monotonic() + 60.0
         checkpoint_seen = file_identity(cfg.model.checkpoint)  # before the load: a change during it is noticed
-        clf, decider = load_model(cfg)  # fail before anything is started
-        self.slot = ModelSlot(clf, decider)
+        loader = ModelLoader(cfg)
+        serving = loader.build(cfg.recipe)  # fail before anything is started
+        self.slot = ModelSlot(serving)
+        clf = serving.classifier
         self.metrics.set_model(clf.name, clf.version, clf.arch)
         self.spool = Spool(cfg.spool.dir, cfg.spool.max_messages, metrics=self.metrics)
         self.mqtt = MqttSink(cfg.mqtt, cfg.node, self.spool, self.metrics, on_command=self._on_command)
         self.queues = {}
-        self.sources = []
+        stations = [c for c in cfg.cameras if c.mode == "triggered"]
         for cam in cfg.cameras:
             self.metrics.init_camera(cam.name)
-            q = FrameQueue(cam.name, cam.queue_size, effective_policy(cam), self.metrics)
-            self.queues[cam.name] = q
-            self.sources.append(FrameSource(cam, q, self.metrics, self._camera_status, self.stop_event))
-        self.hub = FrameHub(list(self.queues.values()))
+            if cam.mode == "stream":
+                self.queues[cam.name] = FrameQueue(cam.name, cam.queue_size, effective_policy(cam), self.metrics)
+        self.hub = FrameHub(list(self.queues.values()), requests=bool(stations))
+        self.inspection: InspectionService | None = None
+        self.store: ResultsStore | None = None
+        self.evidence: EvidenceWriter | None = None
+        if stations:
+            self._build_inspection(cfg)
+        self.sources = []
+        for cam in cfg.cameras:
+            target = self.queues[cam.name] if cam.mode == "stream" else self.inspection.buffers[cam.name]
+            self.sources.append(FrameSource(cam, target, self.metrics, self._camera_status, self.stop_event))
         sinks = [self.mqtt]
         self.jsonl = None
         if cfg.jsonl.path:
@@ -74,16 +90,21 @@ class Daemon:
         self.capture = None
         if cfg.capture.dataset is not None:
             self.capture = CaptureSink(cfg.capture, cfg.cameras, self.metrics,
-                                       thresholds=lambda: self.slot.active[1].thresholds)
+                                       thresholds=lambda: self.slot.active.decider.thresholds)
             sinks.append(self.capture)
         self.shadow = ShadowSink()  # empty until model.shadow or cmd/shadow gives it a candidate
         sinks.append(self.shadow)
-        self.control = Control(cfg, self.metrics, self.slot, self.mqtt, self.shadow, self.capture, checkpoint_seen)
+        self.control = Control(cfg, self.metrics, self.slot, self.mqtt, self.shadow, self.capture, checkpoint_seen,
+                               loader)
+        self.control.inspection = self.inspection
         self.slot.on_switch = self.control.model_switched
+        d = cfg.decide
         self.worker = InferenceWorker(
             self.hub, self.slot, sinks, self.metrics,
             max_batch=cfg.model.max_batch, max_wait_s=cfg.model.max_wait_ms / 1000.0,
-            on_event=self.mqtt.submit_event, debounce_frames=cfg.decide.debounce_frames,
+            on_event=self.mqtt.submit_event,
+            debounce=d.debounce.resolved() if d.debounce is not None else d.debounce_frames,
+            on_roi_error=self._roi_error,
         )
         self.http = None
         if cfg.metrics.enabled:
@@ -92,22 +113,45 @@ class Daemon:
             except OSError as exc:
                 raise UserError(f"metrics: cannot listen on {cfg.metrics.bind}:{cfg.metrics.port} ({exc.strerror})") from None
 
+    def _build_inspection(self, cfg: Config) -> None:
+        """Part inspection: the results store, evidence writer and the stations' service."""
+        self.store = ResultsStore(cfg.results_db, metrics=self.metrics)
+        ev = cfg.evidence
+        if ev.save != "none" or ev.sample_ok > 0:
+            self.evidence = EvidenceWriter(cfg.evidence_dir, save=ev.save, sample_ok=ev.sample_ok,
+                                           annotated=ev.annotated, keep_days=ev.keep_days, quota_mb=ev.quota_mb,
+                                           metrics=self.metrics)
+        node = cfg.node
+        self.inspection = InspectionService(
+            cfg, self.slot, self.hub, self.store, self.evidence, self.metrics,
+            publish=self.mqtt.submit_inspection, set_ready=self.mqtt.set_ready,
+            build_payload=lambda doc, seq: inspection_payload(doc, seq, node),
+            switch_recipe=lambda name, timeout: self.control.switch_recipe(name, timeout),
+            on_error=lambda msg: self.mqtt.set_detail({"last_error": msg, "last_error_at": time.time()}))
+
     # ---- lifecycle -------------------------------------------------------
     def run(self) -> int:
         self._install_signals()
         if self.http:
             self.http.start()
         self.mqtt.start()
-        self.mqtt.set_detail({"model": model_detail(self.slot.current()[0]), "cameras": [c.name for c in self.cfg.cameras],
+        serving = self.slot.current()
+        self.mqtt.set_detail({**serving_detail(serving, self.cfg), "cameras": [c.name for c in self.cfg.cameras],
+                              "stations": sorted(self.inspection.stations) if self.inspection else [],
                               "pid": os.getpid()})
+        self.mqtt.set_recipe(serving.recipe, serving.versions())
         if self.capture is not None:
             self.capture.start()
+        if self.evidence is not None:
+            self.evidence.start()
+        if self.inspection is not None:
+            self.inspection.start()
         if self.cfg.model.shadow is not None:
             self.control.set_shadow(self.cfg.model.shadow, "model.shadow")
         self.worker.start()
         for s in self.sources:
             s.start()
-        clf = self.slot.current()[0]
+        clf = serving.classifier
         log.info("visiond running: node %s, %d camera(s), model %s %s on %s (%s)", self.cfg.node, len(self.sources),
                  clf.name, clf.version, clf.device, clf.runtime)
         sd_notify("READY=1\nSTATUS=running")
@@ -128,9 +172,13 @@ class Daemon:
                 self._hup = False
                 threading.Thread(target=self.control.reload, args=("SIGHUP",), name="reload", daemon=True).start()
             dead = liveness.dead_stage(self.worker, self.mqtt, self.sources)
+            if dead is None and self.inspection is not None:
+                dead = next((f"station {st.name} thread died: {st.error!r}"
+                             for st in self.inspection.stations.values() if st.error is not None), None)
             if dead is not None:
                 self._fail(dead)
                 return
+            self._housekeeping()
             if not self.worker.alive():
                 log.info("all sources finished; stopping")
                 self.stop_event.set()
@@ -172,6 +220,11 @@ class Daemon:
             s.join(timeout=3)
         for q in self.queues.values():
             q.close()  # a camera stuck in a network read must not hold up the drain
+        if self.inspection is not None:
+            for buf in self.inspection.buffers.values():
+                buf.close()  # a running burst answers camera_down now instead of at its deadline
+            self.inspection.stop(timeout=5.0)  # the running verdicts are decided (the worker still serves them)
+        self.hub.stop_requests()
         self.hub.wake()
         self.worker.join(timeout=10)
         if self.worker.alive():
@@ -179,8 +232,12 @@ class Daemon:
         self.control.stop_shadow(final_report=True)  # its last window goes out with the drain below
         if self.capture is not None:
             self.capture.stop(timeout=3.0)
+        if self.evidence is not None:
+            self.evidence.stop(timeout=5.0)
         self.mqtt.stop(drain_timeout_s=5.0)
         self.spool.close()
+        if self.store is not None:
+            self.store.close()
         if self.jsonl:
             self.jsonl.close()
         if self.http:
@@ -212,12 +269,36 @@ class Daemon:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     # ---- callbacks and health -------------------------------------------
-    def _on_command(self, verb: str, payload: bytes) -> None:
+    def _on_command(self, verb: str, payload: bytes, request=None) -> None:
         """MQTT thread; `control` is built before that thread starts."""
-        self.control.command(verb, payload)
+        self.control.command(verb, payload, request)
 
     def _camera_status(self, camera: str, online: bool, reason: str) -> None:
         self.mqtt.set_camera_status(camera, online, redact_url(reason))  # the source already logged it
+        if self.inspection is not None:
+            self.inspection.camera_status(camera, online, redact_url(reason))
+
+    def _roi_error(self, camera: str, roi: str, why: str) -> None:
+        self.mqtt.set_detail({"last_error": f"camera {camera}: {why}", "last_error_at": time.time()})
+
+    def _housekeeping(self) -> None:
+        """Retention of the results store, in the background, about hourly (and once soon after start)."""
+        if self.store is None or not self.cfg.results.keep_days:
+            return
+        now = time.monotonic()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + _PRUNE_EVERY_S
+
+        def prune():
+            try:
+                n = self.store.prune(self.cfg.results.keep_days)
+                if n:
+                    log.info("results store: %d verdict(s) older than %g days removed", n, self.cfg.results.keep_days)
+            except Exception as exc:
+                log.error("results store: retention failed (%s); it is tried again in an hour", exc)
+
+        threading.Thread(target=prune, name="results-retention", daemon=True).start()
 
     def health(self) -> tuple[bool, dict]:
         now = time.monotonic()
@@ -225,6 +306,8 @@ class Daemon:
         cams = {}
         for cam in self.cfg.cameras:
             last = self.worker.last_frame.get(cam.name)
+            if self.inspection is not None and cam.name in self.inspection.buffers:
+                last = self.inspection.buffers[cam.name].last_frame_mono or None
             age = None if last is None else round(now - last, 3)
             cams[cam.name] = {"ok": age is not None and age <= stale, "last_frame_age_s": age}
         broker = self.mqtt.connected

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 
@@ -63,22 +66,40 @@ class Decider:
 
 
 class DefectDebouncer:
-    """Per camera: a defect 'begins' after `frames` defect frames in a row and
-    'ends' after as many clean ones, so one noisy frame does not flap a PLC."""
+    """Per key (a camera, or a (camera, roi) pair): a defect 'begins' when at
+    least `n` of the last `m` frames were defects and 'ends' when at least
+    `end_n` of the last `end_m` were clean, so one noisy frame does not flap a
+    PLC. With m == n this is "n in a row"; n < m also rides out a flicker
+    inside a real defect. The window is emptied at each transition, so the
+    opposite one needs fresh evidence.
+    """
 
-    def __init__(self, frames: int = 3):
-        self.frames = max(1, frames)
-        self._state: dict[str, bool] = {}
-        self._run: dict[str, int] = {}
+    def __init__(self, n: int = 3, m: int | None = None, end_n: int | None = None, end_m: int | None = None):
+        m = n if m is None else m
+        end_n = n if end_n is None else end_n
+        end_m = m if end_m is None else end_m
+        if not 1 <= n <= m:
+            raise ValueError(f"debounce needs 1 <= n <= m, got n={n}, m={m}")
+        if not 1 <= end_n <= end_m:
+            raise ValueError(f"debounce needs 1 <= end_n <= end_m, got end_n={end_n}, end_m={end_m}")
+        self.n, self.m, self.end_n, self.end_m = n, m, end_n, end_m
+        self._size = max(m, end_m)
+        self._defect: dict[Hashable, bool] = {}
+        self._window: dict[Hashable, deque[bool]] = {}
 
-    def update(self, camera: str, defect: bool) -> str | None:
-        state = self._state.get(camera, False)
-        if defect == state:
-            self._run[camera] = 0
+    def update(self, key: Hashable, defect: bool) -> str | None:
+        """Feed one frame's verdict; returns "defect_started", "defect_ended" or None."""
+        window = self._window.get(key)
+        if window is None:
+            window = self._window[key] = deque(maxlen=self._size)
+        window.append(bool(defect))
+        in_defect = self._defect.get(key, False)
+        if in_defect:
+            hit = list(islice(reversed(window), self.end_m)).count(False) >= self.end_n
+        else:
+            hit = list(islice(reversed(window), self.m)).count(True) >= self.n
+        if not hit:
             return None
-        run = self._run.get(camera, 0) + 1
-        if run < self.frames:
-            self._run[camera] = run
-            return None
-        self._state[camera], self._run[camera] = defect, 0
-        return "defect_started" if defect else "defect_ended"
+        self._defect[key] = not in_defect
+        window.clear()
+        return "defect_ended" if in_defect else "defect_started"

@@ -86,6 +86,27 @@ class Metrics:
             "visiond_shadow_frames", "Frames the shadow candidate classified, by outcome (agree, disagree, skipped).",
             ["camera", "outcome"], registry=r
         )
+        # part inspection (DESIGN.md "Inspecting parts")
+        self.inspections = Counter("visiond_inspections", "Inspection verdicts, by verdict (OK, NG, ERROR).",
+                                   ["camera", "verdict"], registry=r)
+        self.inspection_seconds = Histogram(
+            "visiond_inspection_seconds", "Trigger received to verdict decided and stored.", ["camera"],
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.triggers = Counter("visiond_triggers", "Inspection triggers received, by door.", ["camera", "door"],
+                                registry=r)
+        self.triggers_rejected = Counter(
+            "visiond_triggers_rejected", "Triggers answered ERROR before a burst (busy, unknown_recipe, ...).",
+            ["camera", "reason"], registry=r)
+        self.evidence_saved = Counter("visiond_evidence_saved", "Inspections whose evidence images were written.",
+                                      ["camera"], registry=r)
+        self.evidence_write_failures = Counter(
+            "visiond_evidence_write_failures", "Evidence images not written, by reason (disk_full, read_only, "
+            "queue_full, error).", ["camera", "reason"], registry=r)
+        self.evidence_evicted = Counter(
+            "visiond_evidence_evicted", "Evidence files removed by age or quota.", ["reason"], registry=r)
+        self.results_rows = Gauge("visiond_results_rows", "Verdicts held in the results store.", registry=r)
+        self.results_write_failures = Counter(
+            "visiond_results_write_failures", "Verdicts the results store could not write.", registry=r)
         # process
         self.build_info = Info("visiond_build", "visiond build.", registry=r)
         self.build_info.info({"version": __version__})

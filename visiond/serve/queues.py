@@ -118,9 +118,11 @@ class FrameHub:
     what is queued right now, round-robin, so one camera cannot starve another.
     """
 
-    def __init__(self, queues: Iterable[FrameQueue]):
+    def __init__(self, queues: Iterable[FrameQueue], requests: bool = False):
         self.queues: tuple[FrameQueue, ...] = tuple(queues)
-        if not self.queues:
+        self._requests: deque = deque()  # work handed in by other threads (inspection bursts), batched with frames
+        self._serves_requests = requests  # while True the consumer stays up even when every queue has closed
+        if not self.queues and not requests:
             raise ValueError("a FrameHub needs at least one queue")
         names = [q.camera for q in self.queues]
         if len(set(names)) != len(names):
@@ -140,6 +142,8 @@ class FrameHub:
         """Take up to max_n frames queued right now, one per camera per round; never waits."""
         out: list[Frame] = []
         n_q = len(self.queues)
+        if not n_q:  # only triggered cameras: their frames come as requests
+            return out
         with self._cond:
             start = self._next
             while len(out) < max_n:
@@ -160,6 +164,24 @@ class FrameHub:
                 self._cond.notify_all()  # producers blocked by `every` have room now
         return out
 
+    def submit(self, request) -> None:
+        """Hand a request to the inference thread; it is taken with the next batch (any thread)."""
+        with self._cond:
+            self._requests.append(request)
+            self._cond.notify_all()
+
+    def take_requests(self) -> list:
+        with self._cond:
+            out = list(self._requests)
+            self._requests.clear()
+        return out
+
+    def stop_requests(self) -> None:
+        """No more requests (shutdown): the consumer may end once the queues are drained."""
+        with self._cond:
+            self._serves_requests = False
+            self._cond.notify_all()
+
     def wake(self) -> None:
         """Wake the consumer and every blocked producer now (shutdown: they recheck stop)."""
         with self._cond:
@@ -171,10 +193,10 @@ class FrameHub:
             return self._all_finished()
 
     def _any_queued(self) -> bool:
-        return any(q._items for q in self.queues)
+        return bool(self._requests) or any(q._items for q in self.queues)
 
     def _all_finished(self) -> bool:
-        return all(q._closed and not q._items for q in self.queues)
+        return not self._serves_requests and not self._requests and all(q._closed and not q._items for q in self.queues)
 
     def _ready_or_finished(self) -> bool:
         return self._any_queued() or self._all_finished()

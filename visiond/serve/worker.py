@@ -1,9 +1,11 @@
 """The inference stage: greedy cross-camera batches -> model -> verdicts -> sinks.
 
-One thread owns the model. It takes whatever frames are queued (up to
+One thread owns the models. It takes whatever frames are queued (up to
 max_batch) the moment the model is free, so at light load a frame goes straight
-through and under load batches grow by themselves. A model swap happens only
-between two batches.
+through and under load batches grow by themselves. Every ROI of every frame is
+one crop; crops of all cameras are batched together per model. Requests from
+other threads (an inspection's burst) join the same batches. The served set of
+models and ROIs (`ServingSet`) switches only between two batches.
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
-from visiond.frames import Frame, ModelRef, Prediction, Timings
-from visiond.models.runtime import Classifier
-from visiond.serve.decide import Decider, DefectDebouncer
+import numpy as np
+
+from visiond.frames import Frame, Prediction, Timings
+from visiond.serve.decide import DefectDebouncer
 from visiond.serve.metrics import Metrics
+from visiond.serve.serving import DEFAULT, ServingSet
+from visiond.video import RoiError
 
 log = logging.getLogger(__name__)
 
@@ -28,55 +34,100 @@ class Sink(Protocol):
 class FrameSupply(Protocol):
     def wait(self, timeout: float) -> bool: ...
     def take(self, max_n: int) -> list[Frame]: ...
+    def take_requests(self) -> list: ...
     @property
     def all_closed_and_empty(self) -> bool: ...
 
 
 class ModelSlot:
-    """The model in service plus at most one staged replacement.
+    """The set in service plus at most one staged replacement.
 
     `stage()` is called from any thread; the inference thread calls `current()`
     before each batch, so the switch always falls between two batches.
     """
 
-    def __init__(self, classifier: Classifier, decider: Decider):
-        self._active = (classifier, decider)
-        self._staged: tuple[Classifier, Decider] | None = None
+    def __init__(self, serving: ServingSet):
+        self._active = serving
+        self._staged: ServingSet | None = None
         self._lock = threading.Lock()
-        self.on_switch: Callable[[Classifier], None] | None = None
+        self._switched = threading.Condition(self._lock)
+        self.on_switch: Callable[[ServingSet, ServingSet], None] | None = None
 
-    def stage(self, classifier: Classifier, decider: Decider) -> None:
+    def stage(self, serving: ServingSet) -> None:
         with self._lock:
-            self._staged = (classifier, decider)
+            self._staged = serving
 
     @property
-    def active(self) -> tuple[Classifier, Decider]:
-        """The model serving right now, without taking a staged one (any thread, read-only)."""
+    def active(self) -> ServingSet:
+        """The set serving right now, without taking a staged one (any thread, read-only)."""
         return self._active
 
-    def current(self) -> tuple[Classifier, Decider]:
+    @property
+    def staged(self) -> ServingSet | None:
+        return self._staged
+
+    def wait_switched(self, serving: ServingSet, timeout: float) -> bool:
+        """Until `serving` is the active set (True) or the timeout (False)."""
+        with self._switched:
+            return self._switched.wait_for(lambda: self._active is serving, timeout)
+
+    def current(self) -> ServingSet:
         if self._staged is not None:
             with self._lock:
                 staged, self._staged = self._staged, None
+                if staged is not None:
+                    old, self._active = self._active, staged
+                    self._switched.notify_all()
             if staged is not None:
-                old = self._active[0]
-                self._active = staged
-                log.info("model switched: %s %s -> %s %s", old.name, old.version, staged[0].name, staged[0].version)
+                log.info("serving switched: recipe %s, model %s %s -> recipe %s, model %s %s",
+                         old.recipe or "-", old.classifier.name, old.classifier.version,
+                         staged.recipe or "-", staged.classifier.name, staged.classifier.version)
                 if self.on_switch:
-                    self.on_switch(staged[0])
+                    self.on_switch(old, staged)
         return self._active
 
 
+@dataclass(frozen=True)
+class RequestResult:
+    serving: ServingSet  # the set that classified every crop of the request
+    probs: dict[str, np.ndarray]  # ROI name -> F x C probabilities, in frame order
+    errors: dict[str, str]  # ROI name -> why it was not classified (outside the frame)
+    inference_s: float
+    batch_id: int
+
+
+class InferenceRequest:
+    """Frames of one camera to classify on every ROI, for a thread that waits (an inspection's burst)."""
+
+    def __init__(self, camera: str, frames: Sequence[Frame]):
+        self.camera = camera
+        self.frames = tuple(frames)
+        self.result: RequestResult | None = None
+        self.error: str | None = None
+        self._done = threading.Event()
+
+    def wait(self, timeout: float) -> bool:
+        return self._done.wait(max(0.0, timeout))
+
+    def finish(self, result: RequestResult | None = None, error: str | None = None) -> None:
+        self.result, self.error = result, error
+        self._done.set()
+
+
 class InferenceWorker:
-    """The one thread that batches, runs the model, decides and hands to sinks."""
+    """The one thread that batches, runs the models, decides and hands to sinks."""
 
     def __init__(self, supply: FrameSupply, slot: ModelSlot, sinks: Sequence[Sink], metrics: Metrics,
                  *, max_batch: int = 16, max_wait_s: float = 0.0,
-                 on_event: Callable[[str, dict], None] | None = None, debounce_frames: int = 3):
+                 on_event: Callable[[str, dict], None] | None = None,
+                 debounce: int | tuple[int, int, int, int] = 3,
+                 on_roi_error: Callable[[str, str, str], None] | None = None):
         self._supply, self._slot, self._sinks, self._m = supply, slot, list(sinks), metrics
         self._max_batch, self._max_wait = max_batch, max_wait_s
         self._on_event = on_event
-        self._debounce = DefectDebouncer(debounce_frames)
+        self._on_roi_error = on_roi_error
+        n, m, end_n, end_m = (debounce, debounce, debounce, debounce) if isinstance(debounce, int) else debounce
+        self._debounce = DefectDebouncer(n, m, end_n, end_m)
         self._thread = threading.Thread(target=self._run_guarded, name="inference", daemon=True)
         self._last_full = False
         self.error: BaseException | None = None
@@ -84,6 +135,7 @@ class InferenceWorker:
         self.last_frame: dict[str, float] = {}  # camera -> monotonic time of its last classified frame
         self.frames_done = 0
         self._label_counters: dict[tuple[str, str], object] = {}
+        self._roi_errors: set[tuple[str, str]] = set()
         self._sink_errors = 0
         self._batches = 0
 
@@ -111,8 +163,9 @@ class InferenceWorker:
                     return
                 continue
             frames = self._gather()
-            if frames:
-                self.process(frames)
+            requests = self._supply.take_requests()
+            if frames or requests:
+                self.process(frames, requests)
 
     def _gather(self) -> list[Frame]:
         frames = self._supply.take(self._max_batch)
@@ -126,31 +179,105 @@ class InferenceWorker:
         self._last_full = len(frames) >= self._max_batch
         return frames
 
-    def process(self, frames: list[Frame]) -> list[Prediction]:
-        """One batch through the model; public so the bench can drive it directly."""
-        clf, decider = self._slot.current()
+    def process(self, frames: list[Frame], requests: Sequence[InferenceRequest] = ()) -> list[Prediction]:
+        """One batch of frames (and requests) through the models; public so the bench can drive it directly."""
+        serving = self._slot.current()
+        try:
+            return self._process(serving, frames, requests)
+        except BaseException as exc:
+            for r in requests:  # nobody waits forever on a batch that failed
+                if r.result is None and r.error is None:
+                    r.finish(error=f"model: {exc.__class__.__name__}: {exc}"[:300])
+            raise
+
+    def _process(self, serving: ServingSet, frames: list[Frame], requests: Sequence[InferenceRequest]):
         t0 = time.monotonic()
-        probs = clf.predict_images([f.image for f in frames])
+        # model key -> (crops, owners); an owner is (position, frame, plan) or (request, frame index, plan)
+        groups: dict[str, tuple[list, list]] = {}
+        pos = 0
+        for f in frames:
+            for plan in serving.plans(f.camera):
+                try:
+                    crop = plan.crop(f.image)
+                except RoiError as exc:
+                    self._roi_error(f.camera, plan.name, str(exc))
+                    continue
+                g = groups.get(plan.model)
+                if g is None:
+                    g = groups[plan.model] = ([], [])
+                g[0].append(crop)
+                g[1].append((pos, f, plan))
+                pos += 1
+        errors: dict[int, dict[str, str]] = {}
+        for r in requests:
+            plans = serving.plans(r.camera)
+            for k, f in enumerate(r.frames):
+                for plan in plans:
+                    try:
+                        crop = plan.crop(f.image)
+                    except RoiError as exc:
+                        errors.setdefault(id(r), {})[plan.name] = str(exc)
+                        continue
+                    g = groups.get(plan.model)
+                    if g is None:
+                        g = groups[plan.model] = ([], [])
+                    g[0].append(crop)
+                    g[1].append((r, k, plan))
+        outputs = {key: serving.models[key].predict_images(crops) for key, (crops, _) in groups.items()}
         t1 = time.monotonic()
-        verdicts = decider.decide(probs)
-        model = ModelRef(clf.name, clf.version)
         inf = t1 - t0
         self._batches += 1
-        preds = [
-            Prediction(f, v.label, v.score, v.top, v.defect, model,
-                       Timings(queue_s=t0 - f.captured_mono, inference_s=inf, total_s=t1 - f.captured_mono),
-                       self._batches)
-            for f, v in zip(frames, verdicts)
-        ]
-        self._account(preds, inf)
-        for sink in self._sinks:
+        preds: list[tuple[int, Prediction]] = []
+        req_rows: dict[int, dict[str, list]] = {}
+        for key, (_, owners) in groups.items():
+            probs = outputs[key]
+            model = serving.model_ref(key)
+            for decider, idx in _by_decider(owners).items():
+                rows = probs if len(idx) == len(owners) else probs[idx]
+                verdicts = decider.decide(rows)
+                for i, v in zip(idx, verdicts):
+                    owner, k, plan = owners[i]
+                    if isinstance(owner, InferenceRequest):
+                        req_rows.setdefault(id(owner), {}).setdefault(plan.name, []).append((k, probs[i]))
+                        continue
+                    f = k
+                    preds.append((owner, Prediction(
+                        f, v.label, v.score, v.top, v.defect, model,
+                        Timings(queue_s=t0 - f.captured_mono, inference_s=inf, total_s=t1 - f.captured_mono),
+                        self._batches, plan.name, None if plan.rect is None else groups[key][0][i],
+                        plan.model == DEFAULT)))
+        for r in requests:
+            rows = req_rows.get(id(r), {})
+            probs = {roi: np.stack([p for _, p in sorted(items, key=lambda kp: kp[0])]) for roi, items in rows.items()}
+            r.finish(RequestResult(serving, probs, errors.get(id(r), {}), inf, self._batches))
+        preds.sort(key=lambda item: item[0])
+        out = [p for _, p in preds]
+        if out:
+            self._account(out, inf)
+            for sink in self._sinks:
+                try:
+                    sink.submit(out)
+                except Exception:  # one sink's failure never stops the others or the model
+                    self._sink_errors += 1
+                    log.exception("sink %s failed on a batch of %d", type(sink).__name__, len(out))
+            self._events(out)
+        elif requests:
+            self._m.batch_size.observe(sum(len(r.frames) for r in requests))
+            self._m.inference_seconds.observe(inf)
+        return out
+
+    def _roi_error(self, camera: str, roi: str, why: str) -> None:
+        """A stream ROI that cannot be cropped: said once (log, camera status), counted per frame."""
+        self._m.frames_dropped.labels(camera=camera, reason="roi_outside").inc()
+        if (camera, roi) in self._roi_errors:
+            return
+        self._roi_errors.add((camera, roi))
+        log.error("camera %s: %s; the other ROIs go on", camera, why)
+        if self._on_roi_error is not None:
             try:
-                sink.submit(preds)
-            except Exception:  # one sink's failure never stops the others or the model
-                self._sink_errors += 1
-                log.exception("sink %s failed on a batch of %d", type(sink).__name__, len(preds))
-        self._events(preds)
-        return preds
+                self._on_roi_error(camera, roi, why)
+            except Exception:
+                log.exception("roi error callback failed")
 
     def _account(self, preds: list[Prediction], inference_s: float) -> None:
         m = self._m
@@ -170,13 +297,24 @@ class InferenceWorker:
         if self._on_event is None:
             return
         for p in preds:
-            kind = self._debounce.update(p.frame.camera, p.defect)
+            kind = self._debounce.update((p.frame.camera, p.roi), p.defect)
             if kind:
                 try:
                     self._on_event(p.frame.camera, {"kind": kind, "label": p.label, "score": round(p.score, 6),
                                                     "model": {"name": p.model.name, "version": p.model.version},
-                                                    "at": p.frame.captured_at})
+                                                    "at": p.frame.captured_at, "roi": p.roi})
                 except Exception:
                     log.exception("event sink failed")
 
 
+
+
+def _by_decider(owners: list) -> dict:
+    """Decider -> the owner indices it decides (one entry in the common case)."""
+    out: dict = {}
+    for i, (_, _, plan) in enumerate(owners):
+        idx = out.get(plan.decider)
+        if idx is None:
+            idx = out[plan.decider] = []
+        idx.append(i)
+    return out

@@ -18,7 +18,7 @@ import queue
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -210,7 +210,8 @@ class CaptureSink:
     def _enqueue(self, p: Prediction, rule: str, forced: bool) -> None:
         pred = prediction_dict(p.label, p.score, p.top, p.model.name, p.model.version)
         try:
-            self._queue.put_nowait(CaptureJob(p.frame, rule, pred, forced))
+            frame = p.frame if p.crop is None else replace(p.frame, image=p.crop)  # what the model saw: the ROI
+            self._queue.put_nowait(CaptureJob(frame, rule, pred, forced))
         except queue.Full:
             self._child(self._m.capture_write_failures, p.frame.camera, "queue_full").inc()
             self._quiet.error("queue_full", "capture queue full (%d frames; slow disk?): dropping frames to capture, "

@@ -29,6 +29,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from visiond import __version__
@@ -41,6 +43,7 @@ from visiond.serve.sinks.payloads import (
     build_prediction,
     build_shadow,
     camera_status_payload,
+    recipe_payload,
     status_detail_payload,
 )
 from visiond.serve.sinks.spool import Spool, SpooledMessage, SpoolWriter
@@ -57,6 +60,41 @@ _OFFLINE_ACK_S = 2.0  # at stop, how long the retained `offline` may wait for it
 _MAX_PEEK = 512
 
 
+# ---------------------------------------------------------------- requests
+
+
+class Request:
+    """MQTT 5 request/response of one command: where the answer goes and what it carries back."""
+
+    __slots__ = ("response_topic", "correlation")
+
+    MAX_TOPIC = 1024
+
+    def __init__(self, response_topic: str | None = None, correlation: bytes | None = None):
+        self.response_topic = response_topic
+        self.correlation = correlation
+
+    @classmethod
+    def of(cls, message) -> Request:
+        props = getattr(message, "properties", None)
+        topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        corr = getattr(props, "CorrelationData", None) if props is not None else None
+        return cls(topic or None, bytes(corr) if corr else None)
+
+    def problem(self) -> str | None:
+        """Why the Response Topic cannot be answered on (None when it can, or when there is none)."""
+        t = self.response_topic
+        if t is None:
+            return None
+        if len(t.encode()) > self.MAX_TOPIC or any(c in t for c in "+#\0") or not t.strip("/"):
+            return f"response topic {t[:64]!r}: expected a topic name without wildcards, at most {self.MAX_TOPIC} bytes"
+        return None
+
+
+def _const(payload: bytes):
+    return lambda _seq: payload
+
+
 # ---------------------------------------------------------------- the sink
 
 
@@ -69,7 +107,7 @@ class MqttSink:
         node: str,
         spool: Spool,
         metrics: Metrics,
-        on_command: Callable[[str, bytes], None] | None = None,
+        on_command: Callable[[str, bytes, "Request"], None] | None = None,
     ):
         self._cfg = cfg
         self._node = node
@@ -200,6 +238,26 @@ class MqttSink:
         """Spool one shadow-mode comparison (its own gapless seq stream, like events)."""
         build = functools.partial(build_shadow, camera, dict(report), self._node)
         self._spool_items([(self.topics.shadow(camera), build, self._cfg.qos, time.time(), camera, "shadow")])
+
+    def submit_inspection(self, camera: str, payload: bytes) -> None:
+        """Spool one verdict (built and numbered by the results store) for `<camera>/inspection`."""
+        self._spool_items([(self.topics.inspection(camera), _const(payload), max(1, self._cfg.qos), time.time(),
+                            camera, None)])
+
+    def submit_reply(self, request: "Request", payload: bytes, camera: str = "") -> None:
+        """Spool the answer to a request's MQTT 5 Response Topic, with its Correlation Data."""
+        if request.response_topic is None:
+            return
+        self._spool_items([(request.response_topic, _const(payload), 1, time.time(), camera, None,
+                            request.correlation)])
+
+    def set_ready(self, camera: str, state: str) -> None:
+        """Retained `<camera>/ready`: ready | busy | error."""
+        self._set_retained(self.topics.ready(camera), state.encode())
+
+    def set_recipe(self, name: str | None, models: Mapping[str, Any]) -> None:
+        """Retained `recipe`: the recipe in service and its models."""
+        self._set_retained(self.topics.recipe, recipe_payload(name, models, time.time()))
 
     def set_camera_status(self, camera: str, online: bool, reason: str) -> None:
         """Retained JSON on `<camera>/status`: {"state": "online"|"offline", "reason", "at"}."""
@@ -484,7 +542,11 @@ class MqttSink:
     def _send(self, msg: SpooledMessage) -> bool:
         """Publish one message; False when the connection is gone."""
         try:
-            info = self._client.publish(msg.topic, msg.payload, qos=msg.qos)
+            props = None
+            if msg.correlation is not None:
+                props = Properties(PacketTypes.PUBLISH)
+                props.CorrelationData = msg.correlation
+            info = self._client.publish(msg.topic, msg.payload, qos=msg.qos, properties=props)
         except ValueError:  # can never succeed (bad topic, too large): drop it loudly, don't block the rest
             log.exception("dropping spooled message seq %d on %s: the client refuses it", msg.seq, msg.topic)
             self._count_failed.inc()
@@ -555,7 +617,7 @@ class MqttSink:
             log.info("command %r ignored: no handler", verb)
             return
         try:
-            self._on_command(verb, bytes(message.payload))
+            self._on_command(verb, bytes(message.payload), Request.of(message))
         except Exception:  # a bad command must not stop delivery
             log.exception("command %r failed", verb)
 

@@ -19,6 +19,7 @@ from visiond.timefmt import rfc3339
 PREDICTION_SCHEMA = "visiond.prediction/1"
 EVENT_SCHEMA = "visiond.event/1"
 SHADOW_SCHEMA = "visiond.shadow/1"
+INSPECTION_SCHEMA = "visiond.inspection/1"
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False).encode
 
@@ -59,6 +60,16 @@ class Topics:
     def cmd(self, verb: str) -> str:
         return f"{self.base}/cmd/{verb}"
 
+    @property
+    def recipe(self) -> str:
+        return f"{self.base}/recipe"
+
+    def inspection(self, camera: str) -> str:
+        return f"{self._camera(camera)}/inspection"
+
+    def ready(self, camera: str) -> str:
+        return f"{self._camera(camera)}/ready"
+
 
 # ---------------------------------------------------------------- spooled messages
 
@@ -83,6 +94,7 @@ def prediction_payload(p: Prediction, seq: int, node: str, msg_id: str) -> bytes
         "score": round(float(p.score), 6),
         "top": [{"label": label, "score": round(float(score), 6)} for label, score in p.top],
         "defect": bool(p.defect),
+        "roi": p.roi,
         "model": {"name": p.model.name, "version": p.model.version},
         "latency_ms": {
             "queue": round(t.queue_s * 1e3, 3),
@@ -104,6 +116,7 @@ def event_payload(camera: str, event: Mapping[str, Any], seq: int, node: str, ms
         "kind": str(event["kind"]),
         "label": str(event["label"]),
         "score": round(float(event["score"]), 6),
+        "roi": str(event.get("roi") or "full"),
         "model": _model_dict(event["model"]),
     }).encode()
 
@@ -112,6 +125,48 @@ def shadow_payload(camera: str, report: Mapping[str, Any], seq: int, node: str, 
     """Compact JSON of one shadow-mode comparison window (the report as `ShadowRunner` makes it)."""
     return _encode({"schema": SHADOW_SCHEMA, "id": msg_id, "node": node, "camera": camera, "seq": seq,
                     **report}).encode()
+
+
+def inspection_payload(doc: Mapping[str, Any], seq: int, node: str) -> bytes:
+    """Compact JSON of inspection.schema.json from the station's verdict (times as epoch seconds).
+
+    Built once, inside the results store's transaction that assigns `seq`; the stored bytes are what
+    every door sends, and what a redelivered trigger gets again.
+    """
+    def score(x):
+        return None if x is None else round(float(x), 6)
+
+    return _encode({
+        "schema": INSPECTION_SCHEMA,
+        "id": doc["id"],
+        "job_id": doc["job_id"],
+        "node": node,
+        "camera": doc["camera"],
+        "seq": seq,
+        "part_id": doc["part_id"],
+        "trigger_id": doc["trigger_id"],
+        "door": doc["door"],
+        "recipe": doc["recipe"],
+        "verdict": doc["verdict"],
+        "reason": doc["reason"],
+        "detail": doc["detail"],
+        "rois": [{"name": r["name"], "label": r["label"], "score": score(r["score"]), "defect": bool(r["defect"]),
+                  "top": [{"label": label, "score": score(s)} for label, s in r["top"]],
+                  "frames": [{"label": f["label"], "score": score(f["score"]), "defect": bool(f["defect"])}
+                             for f in r["frames"]],
+                  "model": r["model"]} for r in doc["rois"]],
+        "frames": [{"captured_at": rfc3339(t), "index": i} for t, i in doc["frames"]],
+        "models": doc["models"],
+        "triggered_at": rfc3339(doc["triggered_at"]),
+        "decided_at": rfc3339(doc["decided_at"]),
+        "latency_ms": doc["latency_ms"],
+        "evidence": doc["evidence"],
+    }).encode()
+
+
+def recipe_payload(name: str | None, models: Mapping[str, Any], at: float) -> bytes:
+    """Retained `recipe`: the recipe in service (null: the config's own models and ROIs) and its models."""
+    return _encode({"name": name, "models": dict(models), "at": rfc3339(at)}).encode()
 
 
 # The spool calls these with the seq it assigns; the id is new per message (a resend reuses the stored bytes).

@@ -84,9 +84,15 @@ class ShadowRunner:
         return self._thread.is_alive()
 
     def submit(self, predictions: Sequence[Prediction]) -> None:
-        """Inference thread: hand the batch over, or skip it when the candidate is behind."""
+        """Inference thread: hand the batch over, or skip it when the candidate is behind.
+
+        Only the default model's predictions are compared: an ROI served by another model
+        (cameras[].rois[].model) is not what the candidate would replace."""
+        predictions = [p for p in predictions if p.served_default]
+        if not predictions:
+            return
         try:
-            self._queue.put_nowait(list(predictions))
+            self._queue.put_nowait(predictions)
         except queue.Full:
             with self._lock:
                 for p in predictions:
@@ -149,9 +155,9 @@ class ShadowRunner:
                 self._report()
 
     def _classify(self, preds: list[Prediction]) -> None:
-        probs = self.candidate.predict_images([p.frame.image for p in preds]) \
+        probs = self.candidate.predict_images([p.image for p in preds]) \
             if hasattr(self.candidate, "predict_images") else self.candidate.predict(
-                _stack([p.frame.image for p in preds], self.candidate))
+                _stack([p.image for p in preds], self.candidate))
         labels = [self.candidate.classes[i] for i in np.argmax(probs, axis=1).tolist()]
         with self._lock:
             for p, label in zip(preds, labels):

@@ -43,13 +43,16 @@ CREATE TABLE IF NOT EXISTS messages (
     payload BLOB NOT NULL,
     qos INTEGER NOT NULL,
     captured_at REAL NOT NULL,
-    camera TEXT NOT NULL
+    camera TEXT NOT NULL,
+    correlation BLOB
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
-# topic, build_payload(seq) -> bytes, qos, captured_at (wall clock), camera
-SpoolItem = tuple  # (topic, build_payload(seq), qos, captured_at, camera[, stream]); stream seqs are gapless
+# (topic, build_payload(seq) -> bytes, qos, captured_at (wall clock), camera[, stream[, correlation]]):
+# stream seqs are gapless; stream None = a payload built elsewhere (an inspection: the results store numbers it);
+# correlation = MQTT 5 Correlation Data of a reply to a request's Response Topic
+SpoolItem = tuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,7 @@ class SpooledMessage:
     qos: int
     captured_at: float  # wall clock of the frame/event, for the latency metric
     camera: str
+    correlation: bytes | None = None  # MQTT 5 Correlation Data (a reply to a request)
 
 
 class Spool:
@@ -76,6 +80,9 @@ class Spool:
         self._db = self._connect()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(messages)")}
+        if "correlation" not in columns:  # a spool from before replies existed
+            self._db.execute("ALTER TABLE messages ADD COLUMN correlation BLOB")
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._next_seq, self._count = self._load_state()
@@ -130,15 +137,19 @@ class Spool:
             rows = []
             for i, (topic, build, qos, captured_at, camera, *rest) in enumerate(items):
                 stream = rest[0] if rest else "prediction"
+                correlation = rest[1] if len(rest) > 1 else None
+                if stream is None:
+                    rows.append((first + i, topic, build(0), qos, captured_at, camera, correlation))
+                    continue
                 n = counters.get(stream) or self._stream_next(stream)
                 counters[stream] = n + 1
-                rows.append((first + i, topic, build(n), qos, captured_at, camera))
+                rows.append((first + i, topic, build(n), qos, captured_at, camera, correlation))
             end = first + len(rows)
             over = max(0, self._count + len(rows) - self.max_messages)
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", rows)
+                db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (end,))
                 db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                [(f"next_seq:{k}", v) for k, v in counters.items()])
@@ -185,7 +196,8 @@ class Spool:
     def peek(self, after_seq: int, limit: int) -> list[SpooledMessage]:
         """Up to `limit` messages with seq > after_seq, oldest first."""
         rows = self._reader().execute(
-            "SELECT seq, topic, payload, qos, captured_at, camera FROM messages WHERE seq > ? ORDER BY seq LIMIT ?",
+            "SELECT seq, topic, payload, qos, captured_at, camera, correlation FROM messages WHERE seq > ? "
+            "ORDER BY seq LIMIT ?",
             (after_seq, limit),
         ).fetchall()
         return [SpooledMessage(*r) for r in rows]

@@ -1,0 +1,75 @@
+"""Part inspection end to end: a triggered station on the synthetic line, a PLC over MQTT 5, the results store."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections import Counter
+
+from daemon_helpers import Daemon, line_cfg, schema_validator
+from visiond.harness.requester import Requester
+
+DEFECTS = {"scratch", "spot"}
+
+
+def station_cfg(line_model, mosquitto, synth_video, **inspect) -> dict:
+    x, y, w, h = synth_video.roi
+    cam = {"name": "station1", "source": str(synth_video.path), "loop": True, "fps": 60, "mode": "triggered",
+           "rois": [{"name": "centre", "rect": [x, y, w, h]},
+                    {"name": "centre_strict", "rect": [x, y, w, h], "threshold": 0.3},
+                    {"name": "centre_lax", "rect": [x, y, w, h], "threshold": 0.7}],
+           "inspect": {"frames": 3, "interval_ms": 0, "deadline_ms": 3000, "queue": 16, **inspect}}
+    return line_cfg(line_model, mosquitto, [cam])
+
+
+def truth_of(payload: dict, truth: list[str]) -> str:
+    """The part's ground truth: NG when any burst frame shows a defect (the `worst` rule on the truth)."""
+    labels = [truth[f["index"] % len(truth)] for f in payload["frames"]]
+    return "NG" if any(label in DEFECTS for label in labels) else "OK"
+
+
+def test_triggers_with_response_topic_get_one_verdict_each_matching_the_truth(tmp_path, mosquitto, mqtt_recorder,
+                                                                            line_model, synth_video):
+    # given a triggered station with 3 ROIs, a subscriber and a PLC that asks with Response Topic + Correlation Data
+    rec = mqtt_recorder("visiond/testbox/#")
+    d = Daemon(tmp_path, station_cfg(line_model, mosquitto, synth_video))
+    try:
+        rec.wait_for(lambda ms: any(m.topic.endswith("station1/ready") and m.payload == b"ready" for m in ms),
+                     60, "station1 ready")
+        with Requester(mosquitto.host, mosquitto.port, "testbox") as plc:
+            # when 40 parts are triggered, one request each
+            corrs = {}
+            for i in range(40):  # 20 a second, as parts pass a station
+                corrs[f"part-{i}"] = plc.inspect("station1", f"part-{i}")
+                time.sleep(0.05)
+            missing = plc.wait_all(list(corrs.values()), 60)
+            assert not missing, f"{len(missing)} triggers unanswered; stderr: {d.stderr[-2000:]}"
+            answers = {part: plc.answers(c) for part, c in corrs.items()}
+    finally:
+        d.stop()
+    # then every part got exactly one answer, its own, and valid against the schema
+    check = schema_validator("inspection.schema.json")
+    for part, got in answers.items():
+        assert len(got) == 1, (part, got)
+        check.validate(got[0])
+        assert got[0]["part_id"] == part and got[0]["verdict"] in ("OK", "NG"), (got[0]["reason"], got[0]["detail"])
+        assert [r["name"] for r in got[0]["rois"]] == ["centre", "centre_strict", "centre_lax"]
+        assert all(len(r["frames"]) == 3 for r in got[0]["rois"])
+    # and the verdicts match the line's ground truth
+    docs = [a[0] for a in answers.values()]
+    right = sum(doc["verdict"] == truth_of(doc, synth_video.truth) for doc in docs)
+    assert right / len(docs) >= 0.85, Counter((truth_of(doc, synth_video.truth), doc["verdict"]) for doc in docs)
+    # and the inspection topic carries the same verdicts with a gapless seq
+    published = rec.json_payloads("/station1/inspection")
+    assert sorted(p["seq"] for p in published) == list(range(1, 41))
+    assert {p["id"] for p in published} == {doc["id"] for doc in docs}
+    # and the results store holds every one of them
+    db = sqlite3.connect(tmp_path / "spool" / "results.db")
+    try:
+        assert db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 40
+    finally:
+        db.close()
+    ready = [m.payload for m in rec.messages("visiond/testbox/station1/ready")]
+    assert b"busy" in ready and ready[-1] in (b"ready", b"error")
+    assert json.loads(rec.messages("visiond/testbox/recipe")[-1].payload)["name"] is None

@@ -1,0 +1,1 @@
+"""Part inspection: trigger -> burst -> aggregate -> store -> evidence -> doors."""
