@@ -25,8 +25,8 @@ from visiond.serve.decide import Decider
 from visiond.serve.liveness import CAPTURE_GRACE_S, CONNECT_STALL_S, INFERENCE_STALL_S, PUBLISH_STALL_S
 from visiond.serve.metrics import Metrics
 from visiond.serve.queues import FrameHub, FrameQueue
-from visiond.serve.sinks.spool import Spool
 from visiond.serve.serving import single
+from visiond.serve.sinks.spool import Spool
 from visiond.serve.worker import InferenceWorker, ModelSlot
 
 NOW = 10_000.0
