@@ -73,3 +73,39 @@ def test_triggers_with_response_topic_get_one_verdict_each_matching_the_truth(tm
     ready = [m.payload for m in rec.messages("visiond/testbox/station1/ready")]
     assert b"busy" in ready and ready[-1] in (b"ready", b"error")
     assert json.loads(rec.messages("visiond/testbox/recipe")[-1].payload)["name"] is None
+
+
+def test_stream_mode_publishes_per_roi_and_keeps_evidence_of_defect_events(tmp_path, mosquitto, mqtt_recorder,
+                                                                        line_model, synth_video):
+    # given a stream camera with two named ROIs on the same region (one stricter), and evidence of events on
+    x, y, w, h = synth_video.roi
+    cam = {"name": "line1", "source": str(synth_video.path),
+           "rois": [{"name": "centre", "rect": [x, y, w, h]}, {"name": "strict", "rect": [x, y, w, h],
+                                                               "threshold": 0.2}]}
+    cfg = line_cfg(line_model, mosquitto, [cam], evidence={"stream_events": True},
+                   decide={"defect_classes": ["scratch", "spot"], "debounce": {"n": 2, "m": 3}})
+    rec = mqtt_recorder("visiond/testbox/#")
+    d = Daemon(tmp_path, cfg)
+    try:
+        assert d.wait(120) == 0, d.stderr[-3000:]
+    finally:
+        d.close()
+    rec.wait_for(lambda ms: any(m.topic.endswith("/status") and m.payload == b"offline" for m in ms), 10, "offline")
+    preds = rec.json_payloads("/line1/prediction")
+    # then every frame gave one prediction per ROI, in frame order, each naming its ROI
+    n = len(synth_video.truth)
+    assert len(preds) == 2 * n and [p["roi"] for p in preds[:4]] == ["centre", "strict", "centre", "strict"]
+    check = schema_validator("prediction.schema.json")
+    for p in preds[:10]:
+        check.validate(p)
+    # and defect events are per ROI, each start with the image that started it on disk
+    events = rec.json_payloads("/line1/event")
+    check = schema_validator("event.schema.json")
+    started = [e for e in events if e["kind"] == "defect_started"]
+    assert started and {e["roi"] for e in started} == {"centre", "strict"}
+    for e in events:
+        check.validate(e)
+    for e in started:
+        assert e["evidence"], e
+        for rel in e["evidence"]:
+            assert (tmp_path / "spool" / "evidence" / rel).is_file(), rel

@@ -14,13 +14,14 @@ import os
 import signal
 import threading
 import time
+import uuid
 
 from visiond.config import CameraConfig, Config
 from visiond.errors import UserError
 from visiond.logs import redact_url
 from visiond.serve import liveness
 from visiond.serve.control import Control, ModelLoader, file_identity, serving_detail
-from visiond.serve.inspect.evidence import EvidenceWriter
+from visiond.serve.inspect.evidence import EvidenceJob, EvidenceWriter, RoiMark
 from visiond.serve.inspect.service import InspectionService
 from visiond.serve.inspect.store import ResultsStore
 from visiond.serve.metrics import Metrics, MetricsServer
@@ -76,6 +77,11 @@ class Daemon:
         self.inspection: InspectionService | None = None
         self.store: ResultsStore | None = None
         self.evidence: EvidenceWriter | None = None
+        ev = cfg.evidence
+        if (stations or ev.stream_events) and (ev.save != "none" or ev.sample_ok > 0):
+            self.evidence = EvidenceWriter(cfg.evidence_dir, save=ev.save, sample_ok=ev.sample_ok,
+                                           annotated=ev.annotated, keep_days=ev.keep_days, quota_mb=ev.quota_mb,
+                                           metrics=self.metrics)
         if stations:
             self._build_inspection(cfg)
         self.sources = []
@@ -102,7 +108,7 @@ class Daemon:
         self.worker = InferenceWorker(
             self.hub, self.slot, sinks, self.metrics,
             max_batch=cfg.model.max_batch, max_wait_s=cfg.model.max_wait_ms / 1000.0,
-            on_event=self.mqtt.submit_event,
+            on_event=self._event,
             debounce=d.debounce.resolved() if d.debounce is not None else d.debounce_frames,
             on_roi_error=self._roi_error,
         )
@@ -116,11 +122,6 @@ class Daemon:
     def _build_inspection(self, cfg: Config) -> None:
         """Part inspection: the results store, evidence writer and the stations' service."""
         self.store = ResultsStore(cfg.results_db, metrics=self.metrics)
-        ev = cfg.evidence
-        if ev.save != "none" or ev.sample_ok > 0:
-            self.evidence = EvidenceWriter(cfg.evidence_dir, save=ev.save, sample_ok=ev.sample_ok,
-                                           annotated=ev.annotated, keep_days=ev.keep_days, quota_mb=ev.quota_mb,
-                                           metrics=self.metrics)
         node = cfg.node
         self.inspection = InspectionService(
             cfg, self.slot, self.hub, self.store, self.evidence, self.metrics,
@@ -277,6 +278,23 @@ class Daemon:
         self.mqtt.set_camera_status(camera, online, redact_url(reason))  # the source already logged it
         if self.inspection is not None:
             self.inspection.camera_status(camera, online, redact_url(reason))
+
+    def _event(self, camera: str, event: dict) -> None:
+        """Inference thread: a debounced defect event out over MQTT; with evidence.stream_events the crop that
+        started it is kept like an NG part's evidence (written by the evidence thread)."""
+        image = event.pop("image", None)
+        event["evidence"] = None
+        if (self.evidence is not None and self.cfg.evidence.stream_events and image is not None
+                and event["kind"] == "defect_started"):
+            h, w = image.shape[:2]
+            job = EvidenceJob(camera=camera, job_id=uuid.uuid4().hex[:16], part_id=f"event {event['roi']}",
+                              verdict="NG", reason=None, recipe=self.slot.active.recipe, decided_at=event["at"],
+                              frames=(image,), rois=(RoiMark(event["roi"], (0, 0, w, h), event["label"],
+                                                             event["score"], True),))
+            paths = self.evidence.plan(job)
+            if paths and self.evidence.submit(job, paths):
+                event["evidence"] = paths
+        self.mqtt.submit_event(camera, event)
 
     def _roi_error(self, camera: str, roi: str, why: str) -> None:
         self.mqtt.set_detail({"last_error": f"camera {camera}: {why}", "last_error_at": time.time()})

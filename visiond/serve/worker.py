@@ -302,7 +302,7 @@ class InferenceWorker:
                 try:
                     self._on_event(p.frame.camera, {"kind": kind, "label": p.label, "score": round(p.score, 6),
                                                     "model": {"name": p.model.name, "version": p.model.version},
-                                                    "at": p.frame.captured_at, "roi": p.roi})
+                                                    "at": p.frame.captured_at, "roi": p.roi, "image": p.image})
                 except Exception:
                     log.exception("event sink failed")
 

@@ -118,6 +118,7 @@ def event_payload(camera: str, event: Mapping[str, Any], seq: int, node: str, ms
         "score": round(float(event["score"]), 6),
         "roi": str(event.get("roi") or "full"),
         "model": _model_dict(event["model"]),
+        "evidence": event.get("evidence"),
     }).encode()
 
 
