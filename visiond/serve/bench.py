@@ -1,9 +1,13 @@
 """`visiond bench`: decode-only, model-only, a naive per-frame loop and the daemon
-pipeline, on one video and one model, with a real broker.
+pipeline, on one video and one model, with a real broker; `--inspect` measures a
+triggered station instead.
 
 Throughput is measured where a subscriber sees it (messages received per
 second); latency is capture -> subscriber receipt. CPU seconds per frame come
 from the process clock (stages measured alone) and from the daemon's rusage.
+A station is measured as a PLC sees it: trigger published -> verdict received on
+its response topic, at a steady trigger rate, with the verdicts checked against
+the video's ground truth where the video has one (the synthetic line's truth CSV).
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ from rich.table import Table
 from visiond.config import DecideConfig
 from visiond.errors import UserError
 from visiond.harness.broker import Broker, BrokerError
+from visiond.harness.child import DaemonProcess
 from visiond.harness.recorder import Recorder
+from visiond.harness.requester import Requester
+from visiond.harness.synthline import read_truth, truth_path
 from visiond.models.checkpoint import load_checkpoint
 from visiond.models.runtime import Classifier, make_classifier
 from visiond.preprocess import resize_uint8
@@ -52,6 +59,8 @@ class BenchOptions:
     roi: tuple[int, int, int, int] | None = None
     runtime: str = "torch"  # model.runtime for every measurement: torch | onnxruntime
     model_cache: Path | None = None  # where the ONNX export lives, copied into each daemon's state dir
+    inspect_seconds: float = 30.0  # --inspect: how long the triggers come
+    inspect_rate: float = 10.0  # --inspect: triggers a second
 
 
 def _defaults(opts: BenchOptions) -> BenchOptions:
