@@ -144,6 +144,7 @@ class Control:
         self.capture = capture
         self._checkpoint_seen = checkpoint_seen
         self._reload_lock = threading.Lock()
+        self._recipe_lock = threading.Lock()
         self._shadow_lock = threading.Lock()
 
     # ---- hot reload --------------------------------------------------------
@@ -181,7 +182,7 @@ class Control:
         if name not in self.cfg.recipes:
             raise UserError(f"recipe {name!r} is not configured (expected one of: "
                             f"{', '.join(sorted(self.cfg.recipes)) or 'none'})")
-        with self._reload_lock:
+        with self._recipe_lock:  # not the reload lock: a trigger must not wait behind a long load to give up
             active = self.slot.active
             if active.recipe == name and self.slot.staged is None:
                 return active

@@ -161,6 +161,7 @@ class InferenceWorker:
             if not self._supply.wait(0.25):
                 if self._supply.all_closed_and_empty:
                     return
+                self._slot.current()  # idle (a station waiting for triggers): a staged set still takes over
                 continue
             frames = self._gather()
             requests = self._supply.take_requests()

@@ -181,6 +181,7 @@ class InspectionService:
         self._inflight: dict[tuple, Trigger] = {}
         self._lock = threading.Lock()
         self._ready_shown: dict[str, str] = {}
+        self._ready_lock = threading.Lock()
         self._ok_counts: dict[tuple[str, str], object] = {}
 
     # ---- lifecycle --------------------------------------------------------------
@@ -214,6 +215,9 @@ class InspectionService:
         if t.frames is not None and not 1 <= t.frames <= MAX_BURST_FRAMES:
             raise ValueError(f"frames: got {t.frames}, expected 1..{MAX_BURST_FRAMES}")
         self.metrics.triggers.labels(camera=t.camera, door=t.door).inc()
+        if self.stopping.is_set():
+            self.answer_error(t, "shutdown", "visiond is stopping; trigger again after restart")
+            return "rejected"
         key = t.key()
         if key is not None:
             with self._lock:
@@ -242,16 +246,18 @@ class InspectionService:
         return "queued"
 
     def update_ready(self, st: Station) -> None:
-        if not st.buffer.online or st.buffer.closed:
-            state = "error"
-        elif st.running is not None or st.pending():
-            state = "busy"
-        else:
-            state = "ready"
-        st.state = state
-        if self._ready_shown.get(st.name) != state:
-            self._ready_shown[st.name] = state
-            self._set_ready(st.name, state)
+        """Retained `<camera>/ready`; under a lock so two threads cannot leave a stale state as the last word."""
+        with self._ready_lock:
+            if not st.buffer.online or st.buffer.closed:
+                state = "error"
+            elif st.running is not None or st.pending():
+                state = "busy"
+            else:
+                state = "ready"
+            st.state = state
+            if self._ready_shown.get(st.name) != state:
+                self._ready_shown[st.name] = state
+                self._set_ready(st.name, state)
 
     def camera_status(self, camera: str, online: bool, reason: str) -> None:
         buf = self.buffers.get(camera)
