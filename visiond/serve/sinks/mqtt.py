@@ -18,6 +18,7 @@ built in `payloads.py`.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import random
 import select
@@ -612,6 +613,9 @@ class MqttSink:
             error = f"command {verb!r} refused: payload of {len(message.payload)} bytes exceeds {MAX_COMMAND_BYTES}"
             log.warning("%s", error)
             self.set_detail({"last_error": error, "last_error_at": time.time()})
+            request = Request.of(message)
+            if request.response_topic is not None and request.problem() is None:
+                self.submit_reply(request, json.dumps({"command": verb[:64], "ok": False, "error": error}).encode())
             return
         if self._on_command is None:
             log.info("command %r ignored: no handler", verb)
