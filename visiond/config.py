@@ -25,6 +25,7 @@ _PLACEHOLDER = re.compile(r"\$\{(VISIOND_[A-Z0-9_]+)(?::-([^}]*))?\}")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # cameras, nodes, models: safe in topics and labels
 MAX_CONFIG_BYTES = 1024 * 1024  # a config is a page of YAML; more is a mistake or an attack
 MAX_CONFIG_VALUES = 100_000  # after alias expansion: stops a "billion laughs" before it is walked
+MODBUS_BLOCK = 150  # registers per station: 10 fixed + 2 per ROI (64 ROIs at most) + room
 RESERVED_CAMERA_NAMES = frozenset({"status", "cmd"})  # node-level MQTT topics a camera name would collide with
 
 
@@ -343,6 +344,67 @@ class EvidenceConfig(_Model):
     stream_events: bool = Field(False, description="Stream cameras: keep the frame that started a defect event.")
 
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+class OpcUaConfig(_Model):
+    """The OPC UA server (asyncua) for triggered stations; off by default."""
+
+    enabled: bool = Field(False, description="Serve OPC UA.")
+    endpoint: str = Field("opc.tcp://127.0.0.1:4840", pattern=r"^opc\.tcp://[^/\s]+:\d{1,5}(/\S*)?$",
+                          description="opc.tcp://host:port[/path]; beyond loopback it needs security, cert, key and "
+                          "users or trusted_clients.")
+    security: Literal["none", "sign", "sign_encrypt"] = Field(
+        "none", description="none (loopback only) | sign | sign_encrypt (Basic256Sha256).")
+    cert: Path | None = Field(None, description="Server certificate (DER or PEM); `visiond opcua make-cert` writes one.")
+    key: Path | None = Field(None, description="Server private key (PEM).")
+    users: dict[str, SecretStr] = Field(default_factory=dict,
+                                        description="user name -> password (use ${VISIOND_...} placeholders).")
+    trusted_clients: Path | None = Field(None, description="A folder of trusted client certificates; none = any "
+                                         "certificate with valid user credentials.")
+    allow_anonymous: bool = Field(False, description="Let clients without credentials read (never call methods).")
+
+    @property
+    def host(self) -> str:
+        return self.endpoint.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+
+    @model_validator(mode="after")
+    def _secure_beyond_loopback(self):
+        if not self.enabled or self.host in _LOOPBACK:
+            return self
+        missing = []
+        if self.security == "none":
+            missing.append("security sign or sign_encrypt")
+        if self.cert is None or self.key is None:
+            missing.append("cert and key")
+        if not self.users and self.trusted_clients is None:
+            missing.append("users or trusted_clients")
+        if missing:
+            raise ValueError(f"endpoint {self.endpoint} is reachable beyond this box; expected {', '.join(missing)}")
+        return self
+
+
+class ModbusStationConfig(_Model):
+    base: int = Field(0, ge=0, le=65000, description="First coil and first holding register of this station.")
+    unit: int = Field(1, ge=0, le=247, description="Modbus unit (slave) id.")
+
+
+class ModbusConfig(_Model):
+    """The Modbus TCP server (pymodbus) for triggered stations; off by default. Modbus has no authentication."""
+
+    enabled: bool = Field(False, description="Serve Modbus TCP.")
+    bind: str = Field("127.0.0.1", description="Address; anything but loopback is logged loudly (no authentication).")
+    port: int = Field(5020, ge=0, le=65535, description="Port; 0 = pick a free one (logged). 502 needs root.")
+    stations: dict[str, ModbusStationConfig] = Field(default_factory=dict,
+                                                     description="Triggered camera -> its block of registers.")
+    ack_timeout_s: float = Field(10.0, ge=0, le=3600, description="Result bits are cleared when the PLC has not "
+                                 "acknowledged them within this long (0 = wait for Ack forever).")
+
+
 class Config(_Model):
     node: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "visiond", pattern=NAME_PATTERN,
                       description="This box's name in topics; default: host name.")
@@ -361,6 +423,8 @@ class Config(_Model):
     recipe: str | None = Field(None, description="The recipe served at start; default: none (the config as it is).")
     results: ResultsConfig = Field(default_factory=ResultsConfig)
     evidence: EvidenceConfig = Field(default_factory=EvidenceConfig)
+    opcua: OpcUaConfig = Field(default_factory=OpcUaConfig)
+    modbus: ModbusConfig = Field(default_factory=ModbusConfig)
 
     @property
     def results_db(self) -> Path:
@@ -394,6 +458,19 @@ class Config(_Model):
                     if roi.model is not None and roi.model not in known:
                         raise ValueError(f"recipes.{rname}.cameras.{cname}.rois[{roi.name}].model: {roi.model!r} "
                                          f"is not a model of the recipe or of models")
+        stations = [c.name for c in self.cameras if c.mode == "triggered"]
+        for door in ("opcua", "modbus"):
+            if getattr(self, door).enabled and not stations:
+                raise ValueError(f"{door} is enabled but no camera has mode: triggered; expected a station for it")
+        for name in self.modbus.stations:
+            if name not in stations:
+                raise ValueError(f"modbus.stations: {name!r} is not a triggered camera "
+                                 f"(expected one of: {', '.join(stations) or 'none'})")
+        bases = sorted((st.base, st.unit, name) for name, st in self.modbus.stations.items())
+        for (b1, u1, n1), (b2, u2, n2) in zip(bases, bases[1:]):
+            if u1 == u2 and b2 < b1 + MODBUS_BLOCK:
+                raise ValueError(f"modbus.stations: {n1} (base {b1}) and {n2} (base {b2}) overlap on unit {u1}; "
+                                 f"expected bases at least {MODBUS_BLOCK} apart")
         if self.recipe is not None and self.recipe not in self.recipes:
             raise ValueError(f"recipe: {self.recipe!r} is not a key of recipes "
                              f"({', '.join(sorted(self.recipes)) or 'none defined'})")
@@ -439,8 +516,8 @@ def _loc(loc: tuple) -> str:
 
 
 def _shown(value: Any, loc: tuple) -> str:
-    if any(str(p) in ("password", "source") for p in loc):
-        return "<redacted>" if any(str(p) == "password" for p in loc) else redact_url(str(value))
+    if any(str(p) in ("password", "source", "users") for p in loc):
+        return "<redacted>" if any(str(p) in ("password", "users") for p in loc) else redact_url(str(value))
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -529,6 +606,12 @@ def check_files(cfg: Config) -> list[str]:
         for key, path in paths:
             if path is not None and not path.exists():
                 problems.append(f"recipes.{rname}.{key}: got '{path}', expected an existing checkpoint file")
+    if cfg.opcua.enabled:
+        for key in ("cert", "key", "trusted_clients"):
+            f = getattr(cfg.opcua, key)
+            if f is not None and not f.exists():
+                problems.append(f"opcua.{key}: got '{f}', expected an existing "
+                                f"{'folder' if key == 'trusted_clients' else 'file'}")
     if cfg.model.shadow is not None and not cfg.model.shadow.exists():
         problems.append(f"model.shadow: got '{cfg.model.shadow}', expected an existing checkpoint file")
     if cfg.mqtt.tls:

@@ -180,9 +180,22 @@ class InspectionService:
         self.stations = {c.name: Station(c, self.buffers[c.name], self) for c in cfg.cameras if c.mode == "triggered"}
         self._inflight: dict[tuple, Trigger] = {}
         self._lock = threading.Lock()
+        self._verdict_listeners: list[Callable[[str, bytes], None]] = []
+        self._ready_listeners: list[Callable[[str, str], None]] = []
         self._ready_shown: dict[str, str] = {}
         self._ready_lock = threading.Lock()
         self._ok_counts: dict[tuple[str, str], object] = {}
+
+    def on_verdict(self, listener: Callable[[str, bytes], None]) -> None:
+        """Call `listener(camera, payload)` with every stored verdict, whichever door asked (the doors' state)."""
+        self._verdict_listeners.append(listener)
+
+    def on_ready(self, listener: Callable[[str, str], None]) -> None:
+        """Call `listener(camera, "ready"|"busy"|"error")` on every change of a station's state."""
+        self._ready_listeners.append(listener)
+
+    def state(self, camera: str) -> str:
+        return self._ready_shown.get(camera, "error")
 
     # ---- lifecycle --------------------------------------------------------------
     def start(self) -> None:
@@ -258,6 +271,11 @@ class InspectionService:
             if self._ready_shown.get(st.name) != state:
                 self._ready_shown[st.name] = state
                 self._set_ready(st.name, state)
+                for listener in self._ready_listeners:
+                    try:
+                        listener(st.name, state)
+                    except Exception:
+                        log.exception("station %s: a door could not take the state %s", st.name, state)
 
     def camera_status(self, camera: str, online: bool, reason: str) -> None:
         buf = self.buffers.get(camera)
@@ -364,6 +382,11 @@ class InspectionService:
                 self._on_error(f"results store: cannot record a verdict ({exc.__class__.__name__})")
         self._forget(t)
         self._publish(t.camera, payload)
+        for listener in self._verdict_listeners:
+            try:
+                listener(t.camera, payload)
+            except Exception:
+                log.exception("station %s: a door could not take the verdict of job %s", t.camera, t.job_id)
         for reply in [t.reply, *t.extra_replies]:
             if reply is not None:
                 try:
