@@ -104,6 +104,9 @@ class Metrics:
             "queue_full, error).", ["camera", "reason"], registry=r)
         self.evidence_evicted = Counter(
             "visiond_evidence_evicted", "Evidence files removed by age or quota.", ["reason"], registry=r)
+        self.door_refusals = Counter(
+            "visiond_door_refusals", "What a plant door refused: bad credentials or certificate, a write to a "
+            "read-only register, a malformed frame.", ["door", "reason"], registry=r)
         self.results_rows = Gauge("visiond_results_rows", "Verdicts held in the results store.", registry=r)
         self.results_write_failures = Counter(
             "visiond_results_write_failures", "Verdicts the results store could not write.", registry=r)
