@@ -556,6 +556,11 @@ def parse_config(raw: Any, env: dict[str, str] | None = None, source: str = "con
             elif e["type"] == "extra_forbidden":
                 # no value shown: a misspelt `pasword:` must not print the password
                 errors.append(f"{loc}: unknown key; check the spelling")
+            elif isinstance(e.get("input"), dict):
+                # a rule across a section (or the whole config): its message names the keys; the section is not
+                # shown, it may hold a password or a camera URL with one
+                msg = e["msg"].removeprefix("Value error, ")
+                errors.append(msg if not e["loc"] else f"{loc}: {msg}")
             else:
                 msg = e["msg"].removeprefix("Value error, ")
                 errors.append(f"{loc}: got {_shown(e.get('input'), e['loc'])}, expected: {msg}")
