@@ -37,6 +37,18 @@ def test_the_demo_starts_its_own_broker_and_leaves_one_on_1883_alone(tmp_path, l
     assert used and int(used.group(1)) != 1883, r.stdout[-2000:]
     assert f"port: {used.group(1)}" in (out / "demo-run.yaml").read_text()
     assert "received 600 predictions" in r.stdout
+    # and its triggered station answered every one of its 30 parts, mostly as the line's ground truth says
+    station = re.search(r"station: 30 parts triggered, (\d+) answered \(OK (\d+), NG (\d+), ERROR (\d+)\); "
+                        r"verdict = ground truth for (\d+) of", r.stdout)
+    assert station, r.stdout[-3000:]
+    answered, ok, ng, error, right = map(int, station.groups())
+    assert (answered, ok + ng + error) == (30, 30) and ng > 0 and right >= 24, station.group(0)
+    assert all(f"P{k:03d}" in r.stdout for k in range(1, 31))
+    # and it names one NG part's annotated evidence image, which is there
+    evidence = re.search(r"annotated evidence of NG part (P\d{3}): (\S+_annotated\.jpg)$", r.stdout, re.M)
+    assert evidence, r.stdout[-2000:]
+    image = Path(evidence.group(2))
+    assert image.is_relative_to(out.resolve() / "station-spool" / "evidence") and image.read_bytes()[:2] == b"\xff\xd8"
     # and the plant's broker saw nothing of it (retained messages from before the run come with retain set)
     if plant is not None:
         assert [m for m in plant.messages() if not m.retain] == []

@@ -1,4 +1,4 @@
-"""`visiond run`, `visiond config check` and `visiond bench`.
+"""`visiond run`, `visiond config check` and `visiond bench` (and `visiond bench --inspect`).
 
 `visiond bench` with no video or model makes its own: the synthetic line and a small CNN
 trained on its crops. That is done here, where both halves may be used (the daemon's
@@ -151,21 +151,29 @@ def bench(
     frames: int = typer.Option(1500, help="Frames per measurement."),
     max_batch: int = typer.Option(16, help="Largest batch to try."),
     broker: str = typer.Option(None, help="host:port of an MQTT broker (default: a private mosquitto)."),
-    realtime_fps: float = typer.Option(30.0, help="Rate of the real-time latency run."),
+    realtime_fps: float = typer.Option(30.0, help="Rate of the real-time latency run (with --inspect: the camera's)."),
     realtime_seconds: float = typer.Option(10.0, help="Length of the real-time latency run."),
     runtime: str = typer.Option("torch", help="Model runtime for every run: torch or onnxruntime (CPU)."),
+    inspect: bool = typer.Option(False, "--inspect", help="Measure a triggered station instead: 3 ROIs on the video "
+                                                          "at --realtime-fps, trigger -> verdict over MQTT 5."),
+    seconds: float = typer.Option(30.0, "--seconds", help="--inspect: how long the triggers come."),
+    rate: float = typer.Option(10.0, "--rate", help="--inspect: triggers a second."),
 ) -> None:
-    """Measure decode, model, a naive per-frame loop and the daemon pipeline on one video."""
+    """Measure decode, model, a naive per-frame loop and the daemon pipeline on one video (or, with --inspect,
+    a triggered station's trigger -> verdict latency and accuracy)."""
     from visiond.errors import UserError
-    from visiond.serve.bench import BenchOptions, run_bench
+    from visiond.serve.bench import BenchOptions, run_bench, run_bench_inspect
 
     if runtime not in ("torch", "onnxruntime"):
         raise UserError(f"--runtime {runtime!r}: expected torch or onnxruntime")
+    if inspect and (seconds <= 0 or rate <= 0):
+        raise UserError(f"--seconds {seconds:g} and --rate {rate:g}: expected both > 0")
 
     video, checkpoint = bench_inputs(video, checkpoint)
-    run_bench(BenchOptions(video=video, checkpoint=checkpoint, json_out=json_out, frames=frames, max_batch=max_batch,
-                           broker=broker, realtime_fps=realtime_fps, realtime_seconds=realtime_seconds,
-                           runtime=runtime))
+    opts = BenchOptions(video=video, checkpoint=checkpoint, json_out=json_out, frames=frames, max_batch=max_batch,
+                        broker=broker, realtime_fps=realtime_fps, realtime_seconds=realtime_seconds, runtime=runtime,
+                        inspect_seconds=seconds, inspect_rate=rate)
+    (run_bench_inspect if inspect else run_bench)(opts)
 
 
 def register(app: typer.Typer) -> None:

@@ -267,13 +267,27 @@ def _broker(opts: BenchOptions):
     return broker, broker.host, broker.port
 
 
+def _load_model(opts: BenchOptions, cache: Path):
+    """The checkpoint and its classifier; an ONNX export is kept in `cache` for the daemons to reuse."""
+    ckpt = load_checkpoint(opts.checkpoint)
+    clf = make_classifier(ckpt, runtime=opts.runtime, device="auto", threads=1, cache_dir=cache)
+    opts.model_cache = cache if clf.runtime == "onnxruntime" else None
+    return ckpt, clf
+
+
+def _about(opts: BenchOptions, clf: Classifier) -> dict:
+    """What every bench result starts with: the machine, the model and the video."""
+    return {"machine": {"cores": os.cpu_count() or 1, "device": clf.device, "runtime": clf.runtime},
+            "model": {"name": clf.name, "arch": clf.arch, "version": clf.version,
+                      "input": [clf.spec.height, clf.spec.width, clf.spec.channels]},
+            "video": str(opts.video)}
+
+
 def run_bench(opts: BenchOptions) -> dict:
     opts = _defaults(opts)
-    ckpt = load_checkpoint(opts.checkpoint)
     cache = Path(tempfile.mkdtemp(prefix="visiond-bench-models-"))
-    clf = make_classifier(ckpt, runtime=opts.runtime, device="auto", threads=1, cache_dir=cache)
+    _, clf = _load_model(opts, cache)
     clf.warmup(opts.max_batch)
-    opts.model_cache = cache if clf.runtime == "onnxruntime" else None
     broker, host, port = _broker(opts)
     try:
         with console.status("decode only"):
@@ -309,10 +323,7 @@ def _assemble(opts, clf, decode, prep, model, naive, pipe, naive_rt, pipe_rt) ->
     cpu_bound = cores / cpu_needed
     limit = min(decode["fps"], model[best_b]["fps"], cpu_bound)
     return {
-        "machine": {"cores": cores, "device": clf.device, "runtime": clf.runtime},
-        "model": {"name": clf.name, "arch": clf.arch, "version": clf.version,
-                  "input": [clf.spec.height, clf.spec.width, clf.spec.channels]},
-        "video": str(opts.video), "frames": opts.frames,
+        **_about(opts, clf), "frames": opts.frames,
         "decode_only": decode, "preprocess_only": prep,
         "model_only": {str(b): v for b, v in model.items()}, "model_best_batch": best_b,
         "cpu_bound_fps": cpu_bound, "limit_fps": limit,
@@ -349,3 +360,184 @@ def _print(r: dict) -> None:
                     f"{r['model_only'][str(r['model_best_batch'])]['fps']:.0f}, CPU bound {r['cpu_bound_fps']:.0f}); "
                     f"ratio_to_limit {_f(r['ratio_to_limit'], '{:.2f}')}, ratio_to_naive {_f(r['ratio_to_naive'], '{:.2f}')}, "
                     f"real-time p50 difference {r['realtime']['p50_difference_ms']:+.2f} ms")
+
+
+# --------------------------------------------------------------------------- --inspect: a triggered station
+
+STATION = "station"
+# Three inspection points on the camera's ROI, each with its own defect threshold: three crops per frame, as a
+# station checking a screw, a label and a seam would send, on a region the model was trained on.
+STATION_ROIS = (("centre", None), ("centre_strict", 0.3), ("centre_lax", 0.7))
+BURST = {"frames": 3, "interval_ms": 30, "deadline_ms": 2000, "queue": 8}  # DESIGN.md's station defaults
+
+
+def _defect_classes(ckpt, path: Path) -> list[str]:
+    """The labels that make a part NG: the checkpoint's own, else the synthetic line's defects it knows."""
+    named = ckpt.meta.get("defect_classes") or ("scratch", "spot")
+    chosen = [c for c in named if c in ckpt.classes]
+    if not chosen:
+        raise UserError(f"--checkpoint {path}: names no defect class among its classes {list(ckpt.classes)}; "
+                        "--inspect needs a model trained with --defect-classes")
+    return chosen
+
+
+def _station_cfg(opts: BenchOptions, host: str, port: int, defects: list[str], spool: Path) -> dict:
+    x, y, w, h = opts.roi
+    rois = [{"name": name, "rect": [x, y, w, h], **({} if t is None else {"threshold": t})} for name, t in STATION_ROIS]
+    return {
+        "node": "bench",
+        "cameras": [{"name": STATION, "source": str(Path(opts.video).resolve()), "fps": opts.realtime_fps,
+                     "loop": True, "mode": "triggered", "rois": rois, "inspect": dict(BURST)}],
+        "model": {"checkpoint": str(Path(opts.checkpoint).resolve()), "max_batch": opts.max_batch,
+                  "runtime": opts.runtime},
+        "decide": {"defect_classes": defects},
+        "mqtt": {"host": host, "port": port}, "spool": {"dir": str(spool)},
+        "metrics": {"enabled": False}, "logging": {"level": "warning"},
+    }
+
+
+def _wait_ready(daemon: DaemonProcess, ready: Recorder, timeout: float = 120.0) -> None:
+    """Until the station says `ready` (camera streaming, model loaded); a daemon that exits says why."""
+    end = time.monotonic() + timeout
+    while True:
+        shown = [m.payload for m in ready.messages()]
+        if shown and shown[-1] == b"ready":
+            return
+        if daemon.proc.poll() is not None:
+            raise UserError(f"bench --inspect: the daemon exited ({daemon.proc.returncode}) before its station was "
+                            f"ready: {daemon.stderr.strip()[-1500:]}")
+        if time.monotonic() > end:
+            raise UserError(f"bench --inspect: the station was not ready within {timeout:g} s "
+                            f"(it said {[p.decode() for p in shown]}): {daemon.stderr.strip()[-1500:]}")
+        time.sleep(0.05)
+
+
+def _drive(plc: Requester, seconds: float, rate: float) -> list[bytes]:
+    """One trigger per part at a steady rate (a fixed schedule: a late send does not shift the next ones)."""
+    sent, start = [], time.monotonic()
+    for i in range(max(1, round(seconds * rate))):
+        time.sleep(max(0.0, start + i / rate - time.monotonic()))
+        sent.append(plc.inspect(STATION, f"part-{i}"))
+    return sent
+
+
+def inspect_station(opts: BenchOptions, host: str, port: int, defects: list[str]) -> dict:
+    """The real daemon with one triggered station on the looped video, driven by a PLC over MQTT 5."""
+    work = Path(tempfile.mkdtemp(prefix="visiond-bench-inspect-"))
+    cfg = _station_cfg(opts, host, port, defects, work / "spool")
+    if opts.model_cache is not None:  # the daemon finds the export where it caches it: no second export
+        shutil.copytree(opts.model_cache, work / "spool" / "models")
+    ready = Recorder(host, port, f"visiond/bench/{STATION}/ready").start()
+    daemon = DaemonProcess(work, cfg)
+    try:
+        _wait_ready(daemon, ready)
+        with Requester(host, port, "bench") as plc:
+            cpu0 = _proc_cpu(daemon.proc.pid)
+            sent = _drive(plc, opts.inspect_seconds, opts.inspect_rate)
+            plc.wait_all(sent, BURST["deadline_ms"] / 1000 + 10)
+            cpu1 = _proc_cpu(daemon.proc.pid)
+            answers = [(plc.answers(c), plc.latency_s(c)) for c in sent]
+        rss = _peak_rss_mb(daemon.proc.pid)
+        code = daemon.stop()
+    finally:
+        daemon.close()
+        ready.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    truth_csv = truth_path(opts.video)
+    truth = read_truth(truth_csv) if truth_csv.exists() else None
+    out = _inspect_summary(answers, truth, defects)
+    out.update(camera_fps=opts.realtime_fps, rois=len(STATION_ROIS), burst=dict(BURST), rate_hz=opts.inspect_rate,
+               seconds=opts.inspect_seconds, cpu_s_per_trigger=(cpu1 - cpu0) / len(sent), rss_max_mb=rss,
+               exit_code=code)
+    return out
+
+
+def _peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident memory (VmHWM), read while it runs."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def _percentiles(values_ms: list[float]) -> dict:
+    if not values_ms:
+        return {"p50": None, "p95": None, "p99": None, "max": None}
+    a = np.array(values_ms)
+    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
+            "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+
+
+def truth_of(doc: dict, truth: list[str], defects: list[str]) -> str:
+    """A part's ground truth from its burst: NG when any of its frames shows a defect (the `worst` rule)."""
+    labels = [truth[f["index"] % len(truth)] for f in doc["frames"]]
+    return "NG" if any(label in defects for label in labels) else "OK"
+
+
+def _inspect_summary(answers: list[tuple[list, float | None]], truth: list[str] | None, defects: list[str]) -> dict:
+    """Counts, latency and accuracy from (answers to a trigger, trigger -> first answer seconds), one per trigger."""
+    docs = [got[0] for got, _ in answers if got]
+    verdicts = {v: sum(d.get("verdict") == v for d in docs) for v in ("OK", "NG", "ERROR")}
+    errors: dict[str, int] = {}
+    for d in docs:
+        if d.get("verdict") == "ERROR":
+            errors[str(d.get("reason"))] = errors.get(str(d.get("reason")), 0) + 1
+    judged = [(d["verdict"], truth_of(d, truth, defects)) for d in docs if truth and d.get("verdict") in ("OK", "NG")]
+    decided = [d["latency_ms"] for d in docs if d.get("verdict") in ("OK", "NG")]
+    return {
+        "triggers": len(answers), "answered": len(docs), "unanswered": len(answers) - len(docs),
+        "answered_more_than_once": sum(len(got) > 1 for got, _ in answers),
+        "verdicts": verdicts, "errors": errors,
+        "accuracy": sum(v == t for v, t in judged) / len(judged) if judged else None, "judged": len(judged),
+        "latency_ms": _percentiles([s * 1e3 for _, s in answers if s is not None]),
+        "daemon_ms": {k: _percentiles([lat[k] for lat in decided]) for k in ("burst", "inference", "total")},
+    }
+
+
+def run_bench_inspect(opts: BenchOptions) -> dict:
+    """`visiond bench --inspect`: trigger -> verdict latency of a triggered station with 3 ROIs, and its accuracy."""
+    if opts.inspect_seconds <= 0 or opts.inspect_rate <= 0:
+        raise UserError(f"--seconds {opts.inspect_seconds:g} and --rate {opts.inspect_rate:g}: expected both > 0")
+    opts = _defaults(opts)
+    cache = Path(tempfile.mkdtemp(prefix="visiond-bench-models-"))
+    try:
+        ckpt, clf = _load_model(opts, cache)
+        defects = _defect_classes(ckpt, opts.checkpoint)
+        broker, host, port = _broker(opts)
+        try:
+            with console.status(f"triggered station: {opts.inspect_rate:g} triggers/s for {opts.inspect_seconds:g} s, "
+                                f"{len(STATION_ROIS)} ROIs"):
+                station = inspect_station(opts, host, port, defects)
+        finally:
+            if broker:
+                broker.close()
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    result = {**_about(opts, clf), "inspect": station}
+    _print_inspect(result)
+    if opts.json_out:
+        Path(opts.json_out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _print_inspect(r: dict) -> None:
+    s, b = r["inspect"], r["inspect"]["burst"]
+    t = Table(title=f"visiond bench --inspect — {s['rate_hz']:g} triggers/s, {s['rois']} ROIs, camera "
+                    f"{s['camera_fps']:g} fps; {r['model']['arch']} {r['model']['input']} on {r['machine']['device']} "
+                    f"({r['machine']['runtime']}), {r['machine']['cores']} cores")
+    for col in ("run", "p50 ms", "p95 ms", "p99 ms", "max ms"):
+        t.add_column(col, justify="right" if col != "run" else "left")
+    for name, d in (("trigger -> verdict (PLC)", s["latency_ms"]),
+                    (f"  burst of {b['frames']} (daemon)", s["daemon_ms"]["burst"]),
+                    ("  inference (daemon)", s["daemon_ms"]["inference"]),
+                    ("  trigger -> decided (daemon)", s["daemon_ms"]["total"])):
+        t.add_row(name, *(_f(d[k], "{:.1f}") for k in ("p50", "p95", "p99", "max")))
+    Console().print(t)
+    v = s["verdicts"]
+    errors = ", ".join(f"{k} {n}" for k, n in s["errors"].items()) or "none"
+    Console().print(f"{s['triggers']} triggers, {s['answered']} answered (OK {v['OK']}, NG {v['NG']}, ERROR {v['ERROR']}; "
+                    f"reasons: {errors}), {s['unanswered']} unanswered; accuracy against the truth "
+                    f"{_f(s['accuracy'], '{:.1%}')} over {s['judged']}; burst {b['frames']} frames "
+                    f"{b['interval_ms']:g} ms apart; daemon CPU {_f(s['cpu_s_per_trigger'] * 1e3, '{:.1f}')} ms per "
+                    "trigger (its camera's decoding included)", soft_wrap=True)
