@@ -344,7 +344,7 @@ class EvidenceConfig(_Model):
     stream_events: bool = Field(False, description="Stream cameras: keep the frame that started a defect event.")
 
 
-_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 class OpcUaConfig(_Model):
@@ -374,7 +374,7 @@ class OpcUaConfig(_Model):
 
     @model_validator(mode="after")
     def _secure_beyond_loopback(self):
-        if not self.enabled or self.host in _LOOPBACK:
+        if not self.enabled or self.host in LOOPBACK:
             return self
         missing = []
         if self.security == "none":

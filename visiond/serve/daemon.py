@@ -103,6 +103,15 @@ class Daemon:
         self.control = Control(cfg, self.metrics, self.slot, self.mqtt, self.shadow, self.capture, checkpoint_seen,
                                loader)
         self.control.inspection = self.inspection
+        self.doors: list = []  # plant doors onto the inspection core (Modbus, OPC UA), started after it
+        if self.inspection is not None and cfg.modbus.enabled:
+            from visiond.serve.doors.modbus import ModbusDoor
+
+            self.doors.append(ModbusDoor(cfg, self.inspection, self.control, self.metrics, self.mqtt.set_detail))
+        if self.inspection is not None and cfg.opcua.enabled:
+            from visiond.serve.doors.opcua import OpcUaDoor
+
+            self.doors.append(OpcUaDoor(cfg, self.inspection, self.control, self.metrics, self.mqtt.set_detail))
         self.slot.on_switch = self.control.model_switched
         d = cfg.decide
         self.worker = InferenceWorker(
@@ -147,6 +156,13 @@ class Daemon:
             self.evidence.start()
         if self.inspection is not None:
             self.inspection.start()
+        try:
+            for door in self.doors:
+                door.start()
+        except UserError as exc:
+            log.error("%s; exiting with code 2", exc)
+            self._exit_code = 2
+            return self._shutdown()
         if self.cfg.model.shadow is not None:
             self.control.set_shadow(self.cfg.model.shadow, "model.shadow")
         self.worker.start()
@@ -176,6 +192,8 @@ class Daemon:
             if dead is None and self.inspection is not None:
                 dead = next((f"station {st.name} thread died: {st.error!r}"
                              for st in self.inspection.stations.values() if st.error is not None), None)
+            if dead is None:
+                dead = next((f"{type(d).__name__} stopped" for d in self.doors if not d.alive()), None)
             if dead is not None:
                 self._fail(dead)
                 return
@@ -221,6 +239,11 @@ class Daemon:
             s.join(timeout=3)
         for q in self.queues.values():
             q.close()  # a camera stuck in a network read must not hold up the drain
+        for door in self.doors:
+            try:
+                door.stop()
+            except Exception:
+                log.exception("%s did not stop cleanly", type(door).__name__)
         if self.inspection is not None:
             for buf in self.inspection.buffers.values():
                 buf.close()  # a running burst answers camera_down now instead of at its deadline
@@ -262,6 +285,8 @@ class Daemon:
         def hup(_signum, _frame):
             self._hup = True
 
+        if threading.current_thread() is not threading.main_thread():
+            return  # embedded (tests, a host program): the caller stops it with stop_event
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, hup)
