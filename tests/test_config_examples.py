@@ -44,6 +44,8 @@ def missing_keys(model: type[BaseModel], raw, path: str = "") -> list[str]:
     counts as shown when any item of the list has it (written `cameras[].name`)."""
     missing = []
     for name, field in model.model_fields.items():
+        if (field.description or "").startswith("Deprecated"):
+            continue  # kept working for old configs, not shown in the examples
         key = field.alias or name
         where = f"{path}.{key}" if path else key
         if not isinstance(raw, dict) or key not in raw:

@@ -101,7 +101,7 @@ mqtt:
   port: {port}
 spool:
   dir: {OUT / 'spool'}
-metrics:
+http:
   port: {metrics_port}
 """)
     return cfg
@@ -218,7 +218,7 @@ mqtt:
   port: {port}
 spool:
   dir: {spool}
-metrics:
+http:
   port: {metrics_port}
 logging:
   level: warning

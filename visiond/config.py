@@ -25,6 +25,7 @@ _PLACEHOLDER = re.compile(r"\$\{(VISIOND_[A-Z0-9_]+)(?::-([^}]*))?\}")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # cameras, nodes, models: safe in topics and labels
 MAX_CONFIG_BYTES = 1024 * 1024  # a config is a page of YAML; more is a mistake or an attack
 MAX_CONFIG_VALUES = 100_000  # after alias expansion: stops a "billion laughs" before it is walked
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 MODBUS_BLOCK = 150  # registers per station: 10 fixed + 2 per ROI (64 ROIs at most) + room
 RESERVED_CAMERA_NAMES = frozenset({"status", "cmd"})  # node-level MQTT topics a camera name would collide with
 
@@ -281,6 +282,27 @@ class MetricsConfig(_Model):
     stale_after_s: float = Field(5.0, gt=0, le=3600, description="/healthz fails for a camera silent this long.")
 
 
+class HttpConfig(_Model):
+    """The daemon's one web front (ASGI): /metrics, /healthz, the Open Inference Protocol, /v1, the operator page."""
+
+    enabled: bool = Field(True, description="Serve HTTP.")
+    bind: str = Field("127.0.0.1", description="Address; beyond loopback a bearer token is required.")
+    port: int = Field(9108, ge=0, le=65535, description="Port; 0 = pick a free one (logged).")
+    stale_after_s: float = Field(5.0, gt=0, le=3600, description="/healthz fails for a camera silent this long.")
+    token: SecretStr | None = Field(None, description="Bearer token for every route but /healthz and /metrics "
+                                    "(required beyond loopback); use ${VISIOND_HTTP_TOKEN}.")
+    max_waiting: int = Field(32, ge=1, le=10_000, description="Model requests waiting at once; beyond it 503 with "
+                             "Retry-After (live frames always come first).")
+    max_body_mb: float = Field(16, gt=0, le=1024, description="Largest request body.")
+
+    @model_validator(mode="after")
+    def _token_beyond_loopback(self):
+        if self.enabled and self.bind not in LOOPBACK and self.token is None:
+            raise ValueError(f"bind {self.bind} is reachable beyond this box; expected a token "
+                             "(${VISIOND_HTTP_TOKEN}) or bind 127.0.0.1")
+        return self
+
+
 class JsonlConfig(_Model):
     path: Path | None = Field(None, description="Append every verdict as one JSON line here (audit trail); none = off.")
     max_bytes: int = Field(100 * 1024 * 1024, ge=1024, description="Rotate the file beyond this size.")
@@ -342,9 +364,6 @@ class EvidenceConfig(_Model):
     keep_days: float = Field(30, ge=0, le=36500, description="Older evidence is deleted (0 = keep all).")
     quota_mb: float = Field(2000, ge=0, description="Size bound; the oldest go first (0 = no bound).")
     stream_events: bool = Field(False, description="Stream cameras: keep the frame that started a defect event.")
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 class OpcUaConfig(_Model):
@@ -413,7 +432,9 @@ class Config(_Model):
     decide: DecideConfig = Field(default_factory=DecideConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
-    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig,
+                                   description="Deprecated: the same keys now live under `http`.")
+    http: HttpConfig = Field(default_factory=HttpConfig)
     jsonl: JsonlConfig = Field(default_factory=JsonlConfig)
     capture: CaptureConfig = Field(default_factory=CaptureConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -425,6 +446,22 @@ class Config(_Model):
     evidence: EvidenceConfig = Field(default_factory=EvidenceConfig)
     opcua: OpcUaConfig = Field(default_factory=OpcUaConfig)
     modbus: ModbusConfig = Field(default_factory=ModbusConfig)
+
+    @property
+    def web(self) -> HttpConfig:
+        """The web front's settings: `http`, or a config's old `metrics` section (see `deprecations`)."""
+        if "metrics" in self.model_fields_set and "http" not in self.model_fields_set:
+            m = self.metrics
+            return HttpConfig(enabled=m.enabled, bind=m.bind, port=m.port, stale_after_s=m.stale_after_s)
+        return self.http
+
+    @property
+    def deprecations(self) -> list[str]:
+        out = []
+        if "metrics" in self.model_fields_set:
+            out.append("metrics: is deprecated, rename the section to http (same keys: enabled, bind, port, "
+                       "stale_after_s)" + (" (ignored: http is set)" if "http" in self.model_fields_set else ""))
+        return out
 
     @property
     def results_db(self) -> Path:

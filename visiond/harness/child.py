@@ -39,7 +39,8 @@ class DaemonProcess:
     def __init__(self, workdir: Path, cfg: dict, *, env: dict | None = None, wrap: list[str] | None = None,
                  cwd: Path | None = None):
         workdir.mkdir(parents=True, exist_ok=True)
-        self.metrics_port = cfg.setdefault("metrics", {}).setdefault("port", free_port())
+        web = "metrics" if "metrics" in cfg and "http" not in cfg else "http"  # an old config keeps its section
+        self.metrics_port = cfg.setdefault(web, {}).setdefault("port", free_port())
         cfg.setdefault("spool", {"dir": str(workdir / "spool")})
         self.config = workdir / "visiond.yaml"
         self.config.write_text(yaml.safe_dump(cfg))

@@ -221,7 +221,7 @@ def pipeline(opts: BenchOptions, host: str, port: int, frames: int, fps: float =
         "model": {"checkpoint": str(Path(opts.checkpoint).resolve()), "max_batch": opts.max_batch,
                   "runtime": opts.runtime},
         "mqtt": {"host": host, "port": port}, "spool": {"dir": str(work / "spool")},
-        "metrics": {"enabled": False}, "logging": {"level": "warning"},
+        "http": {"enabled": False}, "logging": {"level": "warning"},
     }))
     if opts.model_cache is not None:  # the daemon finds the export where it caches it: no second export
         shutil.copytree(opts.model_cache, work / "spool" / "models")
@@ -392,7 +392,7 @@ def _station_cfg(opts: BenchOptions, host: str, port: int, defects: list[str], s
                   "runtime": opts.runtime},
         "decide": {"defect_classes": defects},
         "mqtt": {"host": host, "port": port}, "spool": {"dir": str(spool)},
-        "metrics": {"enabled": False}, "logging": {"level": "warning"},
+        "http": {"enabled": False}, "logging": {"level": "warning"},
     }
 
 

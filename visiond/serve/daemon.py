@@ -122,11 +122,14 @@ class Daemon:
             on_roi_error=self._roi_error,
         )
         self.http = None
-        if cfg.metrics.enabled:
+        web = cfg.web
+        for line in cfg.deprecations:
+            log.warning("%s", line)
+        if web.enabled:
             try:
-                self.http = MetricsServer(self.metrics, self.health, cfg.metrics.bind, cfg.metrics.port)
+                self.http = MetricsServer(self.metrics, self.health, web.bind, web.port)
             except OSError as exc:
-                raise UserError(f"metrics: cannot listen on {cfg.metrics.bind}:{cfg.metrics.port} ({exc.strerror})") from None
+                raise UserError(f"http: cannot listen on {web.bind}:{web.port} ({exc.strerror})") from None
 
     def _build_inspection(self, cfg: Config) -> None:
         """Part inspection: the results store, evidence writer and the stations' service."""
@@ -219,7 +222,7 @@ class Daemon:
             if ping or now >= next_status:
                 status = ("stalled: " + "; ".join(stalled)) if stalled else "running: " + liveness.summary(
                     self.worker, self.mqtt, self.spool, [c.name for c in self.cfg.cameras],
-                    self.cfg.metrics.stale_after_s, now)
+                    self.cfg.web.stale_after_s, now)
                 sd_notify(("WATCHDOG=1\n" if ping else "") + f"STATUS={status}")
                 next_status = now + _STATUS_EVERY_S
                 if ping:
@@ -345,7 +348,7 @@ class Daemon:
 
     def health(self) -> tuple[bool, dict]:
         now = time.monotonic()
-        stale = self.cfg.metrics.stale_after_s
+        stale = self.cfg.web.stale_after_s
         cams = {}
         for cam in self.cfg.cameras:
             last = self.worker.last_frame.get(cam.name)

@@ -170,6 +170,10 @@ class FrameHub:
             self._requests.append(request)
             self._cond.notify_all()
 
+    def pending_requests(self) -> int:
+        """Requests handed in and not yet taken by the inference thread (a web front bounds its waiters by it)."""
+        return len(self._requests)
+
     def take_requests(self) -> list:
         with self._cond:
             out = list(self._requests)

@@ -21,7 +21,7 @@ import numpy as np
 from visiond.frames import Frame, Prediction, Timings
 from visiond.serve.decide import DefectDebouncer
 from visiond.serve.metrics import Metrics
-from visiond.serve.serving import DEFAULT, ServingSet
+from visiond.serve.serving import DEFAULT, FULL, RoiPlan, ServingSet
 from visiond.video import RoiError
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ class RequestResult:
 class InferenceRequest:
     """Frames of one camera to classify on every ROI, for a thread that waits (an inspection's burst)."""
 
-    def __init__(self, camera: str, frames: Sequence[Frame]):
+    def __init__(self, camera: str | None, frames: Sequence[Frame]):
+        """`camera` None: each image is classified whole by the default model (HTTP: OIP infer, /v1/classify)."""
         self.camera = camera
         self.frames = tuple(frames)
         self.result: RequestResult | None = None
@@ -211,7 +212,8 @@ class InferenceWorker:
                 pos += 1
         errors: dict[int, dict[str, str]] = {}
         for r in requests:
-            plans = serving.plans(r.camera)
+            plans = serving.plans(r.camera) if r.camera is not None else (
+                RoiPlan(FULL, None, DEFAULT, serving.decider),)
             for k, f in enumerate(r.frames):
                 for plan in plans:
                     try:
