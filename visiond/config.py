@@ -178,10 +178,16 @@ class ModelConfig(_Model):
     )
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto = fp16 autocast on CUDA, fp32 on CPU.")
     threads: int = Field(1, ge=0, le=256, description="Intra-op threads of the runtime on CPU; 0 = the runtime's default.")
-    runtime: Literal["torch", "onnxruntime"] = Field(
-        "torch", description="torch (CPU or CUDA) | onnxruntime (CPU only; faster on CPU). For onnxruntime the "
+    runtime: Literal["torch", "onnxruntime", "remote"] = Field(
+        "torch", description="torch (CPU or CUDA) | onnxruntime (CPU only; faster on CPU) | remote (a model server "
+        "over the Open Inference Protocol at model.url: Triton, KServe or another visiond). For onnxruntime the "
         "checkpoint is exported to ONNX at load, checked against torch, and cached in <spool.dir>/models/; a "
         "network the exporter cannot take is served by torch, with a warning.")
+    url: str | None = Field(None, pattern=r"^(https?|grpc)://[^\s/]+(:\d+)?(/\S*)?$",
+                            description="runtime remote: the model server, http://host:port or grpc://host:port.")
+    remote_model: str | None = Field(None, description="runtime remote: the model's name on the server; default: "
+                                     "the checkpoint's model name.")
+    remote_timeout_s: float = Field(2.0, gt=0, le=600, description="runtime remote: one request's timeout.")
     shadow: Path | None = Field(
         None, description="A candidate checkpoint run beside the served one on the same frames; its labels are "
         "compared, never published as predictions. Also set/cleared by cmd/shadow.")
@@ -195,6 +201,12 @@ class ModelConfig(_Model):
             raise ValueError(f"runtime onnxruntime runs on the CPU, but model.device is {device!r}; "
                              "use device auto or cpu, or runtime torch for CUDA")
         return v
+
+    @model_validator(mode="after")
+    def _remote_has_url(self):
+        if self.runtime == "remote" and not self.url:
+            raise ValueError("runtime remote needs model.url (http://host:port or grpc://host:port of the server)")
+        return self
 
 
 class DebounceConfig(_Model):

@@ -121,6 +121,7 @@ class FrameSource:
         self._open_started = 0.0  # monotonic start of the open in progress; 0.0 = not opening
         self.error: BaseException | None = None  # the exception that killed the capture thread (a bug)
         self._last_frame_mono = 0.0
+        self.latest: Frame | None = None
         self._roi_shape: tuple[int, ...] | None = None
         self._roi: tuple[slice, slice] | None = None
         self._finished = threading.Event()
@@ -258,6 +259,7 @@ class FrameSource:
                 self._roi, self._roi_shape = roi_slices(self.cfg.roi, image.shape), image.shape
             image = image[self._roi]
         frame = Frame(self.camera, self._index, wall, mono, image)
+        self.latest = frame  # the operator page's tile reads it (a reference, no copy)
         self._index += 1
         self._last_frame_mono = mono
         self._captured.inc()
