@@ -210,6 +210,8 @@ class Daemon:
             if now < next_check:
                 continue
             next_check = now + min(ping_every or 1.0, 1.0)
+            if self.inspection is not None:
+                self.inspection.confirm_spooled(self.mqtt.flush)
             stalled = liveness.stalls(self.worker, self.mqtt, self.sources, now)
             if bool(stalled) != bool(stalled_before):
                 if stalled:
@@ -262,6 +264,8 @@ class Daemon:
         if self.evidence is not None:
             self.evidence.stop(timeout=5.0)
         self.mqtt.stop(drain_timeout_s=5.0)
+        if self.inspection is not None:
+            self.inspection.confirm_spooled(self.mqtt.flush)
         self.spool.close()
         if self.store is not None:
             self.store.close()

@@ -185,6 +185,7 @@ class InspectionService:
         self._ready_shown: dict[str, str] = {}
         self._ready_lock = threading.Lock()
         self._ok_counts: dict[tuple[str, str], object] = {}
+        self._spooling: list[int] = []  # seqs of verdicts handed to `publish`, not yet known to be on its disk
 
     def on_verdict(self, listener: Callable[[str, bytes], None]) -> None:
         """Call `listener(camera, payload)` with every stored verdict, whichever door asked (the doors' state)."""
@@ -199,12 +200,34 @@ class InspectionService:
 
     # ---- lifecycle --------------------------------------------------------------
     def start(self) -> None:
+        again = self.store.unspooled()  # stored, then a crash before the spool had them: publish them again
+        if again:
+            log.warning("%d verdict(s) stored but not known to be spooled before the last stop (seq %d..%d); "
+                        "publishing them again (subscribers may see a seq twice, never miss one)",
+                        len(again), again[0][0], again[-1][0])
+        for seq, camera, payload in again:
+            self._publish(camera, payload)
+            self._spooling.append(seq)
         for st in self.stations.values():
             for verdict in ("OK", "NG", "ERROR"):
                 self.metrics.inspections.labels(camera=st.name, verdict=verdict)
             self.metrics.triggers_rejected.labels(camera=st.name, reason="busy")
             self.update_ready(st)
             st.start()
+
+    def confirm_spooled(self, flush: Callable[[float], bool], timeout: float = 0.5) -> None:
+        """Once `flush` says everything published so far is on the spool's disk, unmark those verdicts in the
+        store (the daemon calls this every second and after its drain)."""
+        with self._lock:
+            seqs, self._spooling = self._spooling, []
+        try:
+            if seqs and flush(timeout):
+                self.store.mark_spooled(seqs)
+                return
+        except Exception as exc:  # tried again next time; at worst a restart publishes them twice (same seq and id)
+            log.warning("results store: cannot mark %d verdict(s) spooled (%s)", len(seqs), exc)
+        with self._lock:
+            self._spooling[:0] = seqs
 
     def stop(self, timeout: float = 5.0) -> None:
         """Finish the running inspections, answer the queued ones ERROR shutdown."""
@@ -372,6 +395,7 @@ class InspectionService:
         }
         row = {**{k: v for k, v in doc.items() if k != "frames"},  # the frames' times live in the payload
                "correlation": t.correlation, "response_topic": t.response_topic}
+        stored = None
         try:
             stored = self.store.record(row, lambda seq: self._build(doc, seq))
             payload = stored.payload
@@ -382,6 +406,9 @@ class InspectionService:
                 self._on_error(f"results store: cannot record a verdict ({exc.__class__.__name__})")
         self._forget(t)
         self._publish(t.camera, payload)
+        if stored is not None:
+            with self._lock:
+                self._spooling.append(stored.seq)
         for listener in self._verdict_listeners:
             try:
                 listener(t.camera, payload)

@@ -67,6 +67,7 @@ CREATE INDEX IF NOT EXISTS results_part_id ON results (part_id);
 CREATE INDEX IF NOT EXISTS results_correlation ON results (correlation) WHERE correlation IS NOT NULL;
 CREATE INDEX IF NOT EXISTS results_trigger ON results (camera, part_id, trigger_id) WHERE trigger_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS unspooled (seq INTEGER PRIMARY KEY);  -- stored, not yet known to be on the MQTT spool
 """
 
 # column -> default when the row leaves it out (None: the row must give it)
@@ -209,6 +210,7 @@ class ResultsStore:
                         raise TypeError(f"build(seq) must return bytes, got {type(payload).__name__}")
                     payload = bytes(payload)
                     db.execute(_INSERT, (seq, *values, payload))
+                    db.execute("INSERT INTO unspooled VALUES (?)", (seq,))
                     db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (seq + 1,))
                     db.execute("COMMIT")
                 except BaseException:
@@ -223,6 +225,24 @@ class ResultsStore:
             raise
         self._publish_count()
         return Stored(seq, payload, row["id"], row["job_id"])
+
+    def unspooled(self) -> list[tuple[int, str, bytes]]:
+        """(seq, camera, payload) of the verdicts stored but not yet marked spooled: a crash fell in between."""
+        return self._reader().execute("SELECT r.seq, r.camera, r.payload FROM unspooled u JOIN results r "
+                                      "ON r.seq = u.seq ORDER BY r.seq").fetchall()
+
+    def mark_spooled(self, seqs: list[int]) -> None:
+        """These verdicts are on the MQTT spool (fsync'd): a restart need not publish them again."""
+        with self._lock:
+            db = self._writer()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("DELETE FROM unspooled WHERE seq = ?", [(s,) for s in seqs])
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
 
     def prune(self, keep_days: float, now: float | None = None) -> int:
         """Delete rows decided more than `keep_days` ago, a chunk per commit so record() waits at most one chunk.
