@@ -17,6 +17,7 @@ or joins the inspection still running for it: it is never inspected twice.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -266,6 +267,8 @@ class InspectionService:
                     return "joined"
             stored = self.store.find_duplicate(t.camera, t.correlation, t.part_id, t.trigger_id,
                                                within_s=DEDUPE_WINDOW_S)
+            if stored is not None and _refused_unseen(stored.payload):
+                stored = None  # it was turned away (busy, stopping) without a look: a retry is a new attempt
             if stored is not None:
                 log.info("station %s: trigger for part %s seen again; answered from the store (job %s)",
                          t.camera, t.part_id, stored.job_id)
@@ -433,6 +436,15 @@ class InspectionService:
             with self._lock:
                 if self._inflight.get(key) is t:
                     del self._inflight[key]
+
+
+def _refused_unseen(payload: bytes) -> bool:
+    """An ERROR given before any frame was looked at: busy or shutdown."""
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        return False
+    return doc.get("verdict") == "ERROR" and doc.get("reason") in ("busy", "shutdown")
 
 
 def _size(frames: list) -> tuple[int, int]:
