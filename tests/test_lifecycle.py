@@ -444,7 +444,7 @@ def _crash_camera(daemon) -> None:
 
 
 def _crash_inference(daemon) -> None:
-    def device_fault(frames):
+    def device_fault(frames, requests=()):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     daemon.worker.process = device_fault

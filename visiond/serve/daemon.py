@@ -1,6 +1,6 @@
 """`visiond run`: wires sources, the inference worker and the sinks, and owns the lifecycle.
 
-Start order: metrics, MQTT (never waits for the broker), model, worker, sources.
+Start order: the web front (/metrics, /healthz, ...), MQTT (never waits for the broker), model, worker, sources.
 Stop (SIGTERM and SIGINT alike): stop sources -> drain queued frames through the
 model -> publish them -> retained `offline` -> exit 0. A stage thread that dies
 takes the daemon down with exit code 1 rather than leaving it half-alive.
@@ -21,10 +21,13 @@ from visiond.errors import UserError
 from visiond.logs import redact_url
 from visiond.serve import liveness
 from visiond.serve.control import Control, ModelLoader, file_identity, serving_detail
+from visiond.serve.doors.context import WebContext
+from visiond.serve.doors.http import HttpDoor
+from visiond.serve.doors.live import LiveState
 from visiond.serve.inspect.evidence import EvidenceJob, EvidenceWriter, RoiMark
 from visiond.serve.inspect.service import InspectionService
 from visiond.serve.inspect.store import ResultsStore
-from visiond.serve.metrics import Metrics, MetricsServer
+from visiond.serve.metrics import Metrics
 from visiond.serve.notify import sd_notify, watchdog_interval_s
 from visiond.serve.queues import FrameHub, FrameQueue
 from visiond.serve.sinks.capture import CaptureSink
@@ -100,6 +103,10 @@ class Daemon:
             sinks.append(self.capture)
         self.shadow = ShadowSink()  # empty until model.shadow or cmd/shadow gives it a candidate
         sinks.append(self.shadow)
+        self.live = LiveState(self.store)  # the operator page: newest verdict per ROI, today's counts, NG strip
+        sinks.append(self.live)
+        if self.inspection is not None:
+            self.inspection.on_verdict(self.live.verdict)
         self.control = Control(cfg, self.metrics, self.slot, self.mqtt, self.shadow, self.capture, checkpoint_seen,
                                loader)
         self.control.inspection = self.inspection
@@ -125,11 +132,11 @@ class Daemon:
         web = cfg.web
         for line in cfg.deprecations:
             log.warning("%s", line)
-        if web.enabled:
-            try:
-                self.http = MetricsServer(self.metrics, self.health, web.bind, web.port)
-            except OSError as exc:
-                raise UserError(f"http: cannot listen on {web.bind}:{web.port} ({exc.strerror})") from None
+        if web.enabled:  # listens from run(); a port that is taken is a UserError there
+            self.http = HttpDoor(WebContext(
+                cfg, self.metrics, self.health, self.slot, self.hub, control=self.control, inspection=self.inspection,
+                store=self.store, evidence_dir=cfg.evidence_dir if self.evidence is not None else None,
+                sources={s.camera: s for s in self.sources}, live=self.live))
 
     def _build_inspection(self, cfg: Config) -> None:
         """Part inspection: the results store, evidence writer and the stations' service."""
@@ -197,6 +204,8 @@ class Daemon:
                              for st in self.inspection.stations.values() if st.error is not None), None)
             if dead is None:
                 dead = next((f"{type(d).__name__} stopped" for d in self.doors if not d.alive()), None)
+            if dead is None and self.http is not None and not self.http.alive():
+                dead = "the web front (HTTP) stopped"
             if dead is not None:
                 self._fail(dead)
                 return
@@ -362,4 +371,6 @@ class Daemon:
             cams[cam.name] = {"ok": age is not None and age <= stale, "last_frame_age_s": age}
         broker = self.mqtt.connected
         ok = broker and all(c["ok"] for c in cams.values())
-        return ok, {"mqtt_connected": broker, "cameras": cams, "inference_alive": self.worker.alive()}
+        spool = {"messages": self.spool.count(), "oldest_age_s": round(self.spool.oldest_age(), 3)}
+        return ok, {"mqtt_connected": broker, "cameras": cams, "inference_alive": self.worker.alive(),
+                    "spool": spool}

@@ -1,4 +1,4 @@
-"""Every metric visiond exports, on a private registry, and the HTTP endpoint.
+"""Every metric visiond exports, on a private registry (served by the web front, serve/doors/http.py).
 
 Stages only write these; nothing reads a metric to make a decision. Hot-path
 writers cache `.labels()` children (a lookup costs more than the update).
@@ -6,14 +6,9 @@ writers cache `.labels()` children (a lookup costs more than the update).
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -107,6 +102,8 @@ class Metrics:
         self.door_refusals = Counter(
             "visiond_door_refusals", "What a plant door refused: bad credentials or certificate, a write to a "
             "read-only register, a malformed frame.", ["door", "reason"], registry=r)
+        self.http_requests = Counter("visiond_http_requests", "Web front requests, by route and status code.",
+                                     ["route", "code"], registry=r)
         self.results_rows = Gauge("visiond_results_rows", "Verdicts held in the results store.", registry=r)
         self.results_write_failures = Counter(
             "visiond_results_write_failures", "Verdicts the results store could not write.", registry=r)
@@ -132,55 +129,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class MetricsServer:
-    """/metrics and /healthz on a small threaded HTTP server (127.0.0.1 by default)."""
-
-    def __init__(self, metrics: Metrics, health: Callable[[], tuple[bool, dict]], bind: str = "127.0.0.1", port: int = 9108):
-        self._metrics = metrics
-        self._health = health
-        handler = self._handler()
-        self._server = ThreadingHTTPServer((bind, port), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self._server.server_address[:2]
-
-    def start(self) -> None:
-        self._thread.start()
-        log.info("metrics on http://%s:%d/metrics", *self.address)
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=2)
-
-    def _handler(self):
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's name)
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._reply(200, outer._metrics.render(), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    ok, detail = outer._health()
-                    body = json.dumps({"ok": ok, **detail}, sort_keys=True).encode()
-                    self._reply(200 if ok else 503, body, "application/json")
-                else:
-                    self._reply(404, b'{"error": "not found; try /metrics or /healthz"}', "application/json")
-
-            def _reply(self, code: int, body: bytes, ctype: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, fmt, *args):  # keep scrapes out of the log
-                log.debug("http %s", fmt % args)
-
-        return Handler
