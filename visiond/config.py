@@ -187,7 +187,10 @@ class ModelConfig(_Model):
                             description="runtime remote: the model server, http://host:port or grpc://host:port.")
     remote_model: str | None = Field(None, description="runtime remote: the model's name on the server; default: "
                                      "the checkpoint's model name.")
-    remote_timeout_s: float = Field(2.0, gt=0, le=600, description="runtime remote: one request's timeout.")
+    remote_timeout_s: float = Field(2.0, gt=0, le=8, description="runtime remote: one request's timeout (at most "
+                                    "8 s: the watchdog calls an inference stalled after 10 s).")
+    remote_token: SecretStr | None = Field(None, description="runtime remote: bearer token sent with every request "
+                                           "(the serving visiond's http.token); use ${VISIOND_REMOTE_TOKEN}.")
     shadow: Path | None = Field(
         None, description="A candidate checkpoint run beside the served one on the same frames; its labels are "
         "compared, never published as predictions. Also set/cleared by cmd/shadow.")

@@ -122,14 +122,24 @@ def predict(
 
 def export(
     checkpoint: Path = typer.Argument(..., help="Checkpoint to export."),
-    format: str = typer.Option(..., "--format", "-f", help="onnx or torchscript."),
-    out: Path = typer.Option(..., "--out", "-o", help="File to write."),
+    format: str = typer.Option(..., "--format", "-f", help="onnx, torchscript, or triton (a Triton model repository)."),
+    out: Path = typer.Option(..., "--out", "-o", help="File to write; for triton, the model repository folder."),
     tolerance: float = typer.Option(1e-4, help="Largest allowed difference in probabilities vs PyTorch."),
     opset: int = typer.Option(18, help="ONNX opset."),
+    name: str = typer.Option(None, "--name", help="triton: the model's name on the server (default: the "
+                                                  "checkpoint's)."),
+    max_batch: int = typer.Option(64, "--max-batch", help="triton: max_batch_size, the largest batch the server forms "
+                                                          "from all boxes' requests."),
 ) -> None:
-    """Export to ONNX or TorchScript: uint8 NHWC in, probabilities out, metadata inside, parity checked."""
-    from visiond.models.export import export_checkpoint
+    """Export to ONNX, TorchScript or a Triton model repository: uint8 NHWC in, probabilities out, parity checked."""
+    from visiond.models.export import export_checkpoint, export_triton
 
+    if format == "triton":
+        result = export_triton(checkpoint, out, name=name, max_batch=max_batch, tolerance=tolerance, opset=opset)
+        typer.echo(f"{result.path}: Triton model {result.path.name} (config.pbtxt, labels.txt, 1/model.onnx), max abs "
+                   f"difference vs PyTorch {result.max_abs_diff:.3g} (tolerance {tolerance:g}); serve it with "
+                   f"`tritonserver --model-repository {out}`")
+        return
     result = export_checkpoint(checkpoint, format, out, tolerance=tolerance, opset=opset)
     typer.echo(f"{result.path}: {format}, max abs difference vs PyTorch {result.max_abs_diff:.3g} "
                f"(tolerance {tolerance:g}) on batches {list(result.batch_sizes)}")

@@ -1,10 +1,12 @@
 """The labelling page's HTTP server: a static page, a small JSON API, and the dataset's images.
 
-Stdlib `ThreadingHTTPServer`, bound to 127.0.0.1 by default. It serves only three fixed
-static files and image files that resolve inside the dataset's inbox/ or images/ (no
-symlink leads out). Requests must name this machine by IP, `localhost` or a name the
-operator allowed with `--allow-host` (no DNS rebinding), and POSTs must carry the per-run
-token the page was served with, so another site open in the operator's browser cannot label anything.
+A small Starlette app served by uvicorn (the daemon's web front uses the same framework, but
+the label layer keeps its own app: it may not import visiond.serve). Bound to 127.0.0.1 by
+default. It serves only three fixed static files and image files that resolve inside the
+dataset's inbox/ or images/ (no symlink leads out). `_Guard`, one layer around the app, makes
+every request name this machine by IP, `localhost` or a name the operator allowed with
+`--allow-host` (no DNS rebinding), and every POST carry the per-run token the page was served
+with, so another site open in the operator's browser cannot label anything.
 """
 
 from __future__ import annotations
@@ -15,12 +17,20 @@ import logging
 import secrets
 import socket
 import threading
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
 from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Callable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from visiond.data.manifest import IMAGES_DIR, INBOX_DIR
 from visiond.errors import UserError
@@ -43,6 +53,7 @@ _SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
                                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
 }
+_METHODS = frozenset({"GET", "HEAD", "POST"})
 
 
 def resolve_dataset_file(root: Path, url_path: str) -> Path:
@@ -104,131 +115,99 @@ def _host_allowed(host_header: str | None, allowed: frozenset[str] = frozenset()
     return True
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: "LabelServer"
-    server_version = "visiond-label"
-    sys_version = ""
+def _send(status: int, body: bytes, ctype: str, *, cache: str) -> Response:
+    return Response(body, status_code=status, media_type=ctype, headers={"Cache-Control": cache})
 
-    def log_message(self, fmt: str, *args) -> None:  # noqa: D102 - route the access log to logging
-        log.debug("%s %s", self.address_string(), fmt % args)
 
-    # -- dispatch ---------------------------------------------------------------
-    def do_GET(self) -> None:  # noqa: N802
-        if not self._host_ok():
-            return
-        path = urlsplit(self.path).path
-        if path in _STATIC:
-            name, ctype = _STATIC[path]
-            body = self.server.static_bytes(name)
-            self._send(HTTPStatus.OK, body, ctype, cache="no-store")
-        elif path == "/favicon.ico":
-            self._send(HTTPStatus.NO_CONTENT, b"", "image/x-icon", cache="max-age=86400")
-        elif path == "/api/state":
-            self._json(HTTPStatus.OK, self.server.session.state())
-        elif path.startswith("/files/"):
-            self._file(path[len("/files/"):])
-        else:
-            self._error(HTTPStatus.NOT_FOUND, "not found")
+def _json(status: int, obj: object) -> Response:
+    return _send(status, json.dumps(obj).encode(), "application/json", cache="no-store")
 
-    def do_POST(self) -> None:  # noqa: N802
-        if not self._host_ok():
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    response = _json(status, {"ok": False, "error": message})
+    response.headers.update(headers or {})
+    return response
+
+
+class _Refused(Exception):
+    """A request answered with a one-line JSON error before it reaches the session."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class _Guard:
+    """Method, Host and token checks before any route runs; security headers on every answer."""
+
+    def __init__(self, app, *, allowed_hosts: frozenset[str], token: str):
+        self.app, self._allowed, self._token = app, allowed_hosts, token
+
+    def _refusal(self, scope) -> Response | None:
+        if scope["method"] not in _METHODS:
+            return _error(405, "method not allowed", {"Allow": "GET, HEAD, POST"})
+        host = _header(scope, b"host")
+        if not _host_allowed(host, self._allowed):
+            name = _host_name(host or "")[:64]
+            return _error(403, f"Host {name!r} is not allowed: open the page by localhost or an IP address, "
+                               f"or start visiond label with --allow-host {name or 'NAME'}")
+        if scope["method"] == "POST" and not secrets.compare_digest(
+                (_header(scope, TOKEN_HEADER.lower().encode()) or "").encode("latin-1"), self._token.encode()):
+            return _error(403, f"missing or wrong {TOKEN_HEADER} header (reload the page)")
+        return None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
             return
-        if not secrets.compare_digest(self.headers.get(TOKEN_HEADER, ""), self.server.token):
-            self._error(HTTPStatus.FORBIDDEN, f"missing or wrong {TOKEN_HEADER} header (reload the page)")
-            return
-        routes: dict[str, Callable[[dict], object]] = {
-            "/api/accept": lambda b: {"accepted": self.server.session.accept(b.get("ids"), b.get("label"))},
-            "/api/undo": lambda b: {"restored": self.server.session.undo()},
-            "/api/skip": lambda b: self.server.session.skip(b.get("id")) or {"skipped": b.get("id")},
-            "/api/discard": lambda b: {"set_aside": self.server.session.discard(b.get("ids"))},
-            "/api/classes": lambda b: {"classes": self.server.session.add_class(_str(b.get("name"), "name"))},
-        }
-        route = routes.get(urlsplit(self.path).path)
-        if route is None:
-            self._error(HTTPStatus.NOT_FOUND, "not found")
-            return
-        body = self._body()
-        if body is None:
-            return
+        status = {"code": 0}
+
+        async def send_secured(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                headers = MutableHeaders(raw=list(message.get("headers", [])))
+                for key, value in _SECURITY_HEADERS.items():
+                    headers[key] = value
+                message["headers"] = headers.raw
+            await send(message)
+
         try:
-            result = route(body)
-        except NotFound as exc:
-            self._error(HTTPStatus.NOT_FOUND, str(exc))
-        except UserError as exc:
-            self._error(HTTPStatus.BAD_REQUEST, str(exc))
-        except OSError as exc:
-            log.error("labelling %s failed: %s", self.path, exc)
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"disk error: {exc.strerror or exc}")
-        else:
-            self._json(HTTPStatus.OK, {"ok": True, **result, **self._progress()})
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send_secured)
+            else:
+                await self.app(scope, receive, send_secured)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            log.debug("%s %s %s %s", client[0], scope["method"], scope.get("raw_path", b"")[:200].decode("latin-1"),
+                      status["code"])
 
-    def do_PUT(self) -> None:  # noqa: N802
-        self._error(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed")
 
-    do_DELETE = do_PATCH = do_PUT  # noqa: N815
-
-    # -- pieces -----------------------------------------------------------------
-    def _host_ok(self) -> bool:
-        host = self.headers.get("Host")
-        if _host_allowed(host, self.server.allowed_hosts):
-            return True
-        name = _host_name(host or "")[:64]
-        self._error(HTTPStatus.FORBIDDEN, f"Host {name!r} is not allowed: open the page by localhost or an IP "
-                                          f"address, or start visiond label with --allow-host {name or 'NAME'}")
-        return False
-
-    def _body(self) -> dict | None:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0 or length > MAX_BODY:
-            self._error(HTTPStatus.BAD_REQUEST, f"expected a JSON body of at most {MAX_BODY} bytes")
-            return None
-        raw = self.rfile.read(length) if length else b"{}"
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            self._error(HTTPStatus.BAD_REQUEST, "expected a JSON object")
-            return None
-        return body
-
-    def _progress(self) -> dict:
-        s = self.server.session.state()
-        return {"labelled": s["labelled"], "discarded": s["discarded"], "left": s["left"], "total": s["total"]}
-
-    def _file(self, rel: str) -> None:
-        try:
-            real = resolve_dataset_file(self.server.session.dataset_dir, rel)
-            data = real.read_bytes()
-        except PermissionError as exc:
-            log.warning("refused file request %r: %s", self.path[:200], exc)
-            self._error(HTTPStatus.FORBIDDEN, "not a dataset image")
-            return
-        except OSError:
-            self._error(HTTPStatus.NOT_FOUND, "no such image (labelled meanwhile?)")
-            return
-        self._send(HTTPStatus.OK, data, _IMAGE_TYPES.get(real.suffix.lower(), "application/octet-stream"),
-                   cache="private, max-age=60")
-
-    def _json(self, status: HTTPStatus, obj: object) -> None:
-        self._send(status, json.dumps(obj).encode(), "application/json", cache="no-store")
-
-    def _error(self, status: HTTPStatus, message: str) -> None:
-        self._json(status, {"ok": False, "error": message})
-
-    def _send(self, status: HTTPStatus, body: bytes, ctype: str, *, cache: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", cache)
-        for k, v in _SECURITY_HEADERS.items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+async def _json_body(request: Request) -> dict:
+    """The request's JSON object (`{}` when empty), refused past MAX_BODY bytes without reading on."""
+    too_big = _Refused(400, f"expected a JSON body of at most {MAX_BODY} bytes")
+    length = request.headers.get("content-length")
+    if length is not None and (not length.strip().isdigit() or int(length) > MAX_BODY):
+        raise too_big
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise too_big
+    try:
+        body = json.loads(raw) if raw else {}
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise _Refused(400, "expected a JSON object")
+    return body
 
 
 def _str(value: object, name: str) -> str:
@@ -237,10 +216,115 @@ def _str(value: object, name: str) -> str:
     return value
 
 
-class LabelServer(ThreadingHTTPServer):
-    """One labelling run: `LabelServer(session, bind, port)`, then `start()` or `serve_forever()`."""
+class _Routes:
+    """The page's routes over one `LabelServer` (its session, token and static files)."""
 
-    daemon_threads = True
+    def __init__(self, server: LabelServer):
+        self.server = server
+        session = server.session
+        self.actions: dict[str, Callable[[dict], dict]] = {
+            "/api/accept": lambda b: {"accepted": session.accept(b.get("ids"), b.get("label"))},
+            "/api/undo": lambda b: {"restored": session.undo()},
+            "/api/skip": lambda b: session.skip(b.get("id")) or {"skipped": b.get("id")},
+            "/api/discard": lambda b: {"set_aside": session.discard(b.get("ids"))},
+            "/api/classes": lambda b: {"classes": session.add_class(_str(b.get("name"), "name"))},
+        }
+
+    def routes(self) -> list[Route]:
+        return [*(Route(path, self.static, methods=["GET"]) for path in _STATIC),
+                Route("/favicon.ico", self.favicon, methods=["GET"]),
+                Route("/api/state", self.state, methods=["GET"]),
+                Route("/files/{rel:path}", self.file, methods=["GET"]),
+                *(Route(path, self.action, methods=["POST"]) for path in self.actions)]
+
+    async def static(self, request: Request) -> Response:
+        name, ctype = _STATIC[request.url.path]
+        return _send(200, self.server.static_bytes(name), ctype, cache="no-store")
+
+    async def favicon(self, request: Request) -> Response:
+        return _send(204, b"", "image/x-icon", cache="max-age=86400")
+
+    async def state(self, request: Request) -> Response:
+        return _json(200, await run_in_threadpool(self.server.session.state))
+
+    async def file(self, request: Request) -> Response:
+        # the raw (still percent-encoded) path: resolve_dataset_file decodes it exactly once
+        raw = request.scope.get("raw_path", b"").decode("latin-1")
+        if not raw.startswith("/files/"):
+            return _error(404, "not found")
+        try:
+            real = resolve_dataset_file(self.server.session.dataset_dir, raw[len("/files/"):])
+            data = await run_in_threadpool(real.read_bytes)
+        except PermissionError as exc:
+            log.warning("refused file request %r: %s", raw[:200], exc)
+            return _error(403, "not a dataset image")
+        except OSError:
+            return _error(404, "no such image (labelled meanwhile?)")
+        return _send(200, data, _IMAGE_TYPES.get(real.suffix.lower(), "application/octet-stream"),
+                     cache="private, max-age=60")
+
+    async def action(self, request: Request) -> Response:
+        path = request.url.path
+        body = await _json_body(request)
+        try:
+            result = await run_in_threadpool(self.actions[path], body)
+        except NotFound as exc:
+            return _error(404, str(exc))
+        except UserError as exc:
+            return _error(400, str(exc))
+        except OSError as exc:
+            log.error("labelling %s failed: %s", path, exc)
+            return _error(500, f"disk error: {exc.strerror or exc}")
+        return _json(200, {"ok": True, **result, **await run_in_threadpool(self._progress)})
+
+    def _progress(self) -> dict:
+        s = self.server.session.state()
+        return {"labelled": s["labelled"], "discarded": s["discarded"], "left": s["left"], "total": s["total"]}
+
+
+async def _refused(request: Request, exc: _Refused) -> Response:
+    return _error(exc.status, str(exc))
+
+
+async def _http_exception(request: Request, exc: HTTPException) -> Response:
+    message = {404: "not found", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
+    return _error(exc.status_code, message, exc.headers)
+
+
+async def _internal(request: Request, exc: Exception) -> Response:
+    return _error(500, "internal error (see the visiond label log)")  # uvicorn logs the traceback
+
+
+def build_app(server: LabelServer) -> Starlette:
+    """The page's app over `server`: every route, behind `_Guard`."""
+    app = Starlette(routes=_Routes(server).routes(),
+                    exception_handlers={_Refused: _refused, HTTPException: _http_exception, Exception: _internal})
+    app.router.redirect_slashes = False  # one name per resource; a redirect would only echo the Host
+    app.add_middleware(_Guard, allowed_hosts=server.allowed_hosts, token=server.token)
+    return app
+
+
+def _listen(bind: str, port: int) -> socket.socket:
+    """A listening socket, or UserError in one line (port taken, address not this machine's)."""
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {bind}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bind, port))
+        sock.listen(128)
+    except (OSError, OverflowError) as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {bind}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
+    return sock
+
+
+class LabelServer:
+    """One labelling run: `LabelServer(session, bind, port)`, then `start()` (a thread) or `serve_forever()`.
+
+    The socket is bound on construction, so `url` is known (and a taken port reported) before serving.
+    """
 
     def __init__(self, session: LabelSession, bind: str = "127.0.0.1", port: int = 8765,
                  allow_hosts: tuple[str, ...] | list[str] = ()):
@@ -249,12 +333,14 @@ class LabelServer(ThreadingHTTPServer):
         self.token = secrets.token_urlsafe(24)
         self._static: dict[str, bytes] = {}
         self._thread: threading.Thread | None = None
-        if ":" in bind:
-            self.address_family = socket.AF_INET6
-        try:
-            super().__init__((bind, port), _Handler)
-        except OSError as exc:
-            raise UserError(f"cannot listen on {bind}:{port}: {exc.strerror or exc}") from None
+        self._sock = _listen(bind, port)
+        self.server_address = self._sock.getsockname()
+        self.app = build_app(self)
+        config = uvicorn.Config(self.app, loop="asyncio", http="h11", lifespan="off", ws="none",
+                                log_config=None, log_level="warning", access_log=False, server_header=False,
+                                headers=[("Server", "visiond-label")], timeout_keep_alive=5,
+                                timeout_graceful_shutdown=2)
+        self._server = uvicorn.Server(config)
 
     @property
     def url(self) -> str:
@@ -272,17 +358,40 @@ class LabelServer(ThreadingHTTPServer):
             self._static[name] = data
         return self._static[name]
 
-    def start(self) -> "LabelServer":
-        """Serve from a background thread (tests, embedding); `close()` stops it."""
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="visiond-label", daemon=True)
+    def serve_forever(self) -> None:
+        """Serve until Ctrl-C or SIGTERM (on the main thread) or `shutdown()`.
+
+        On the main thread uvicorn catches SIGINT and SIGTERM, finishes the requests in flight,
+        then raises the signal again for the handler that was there before (KeyboardInterrupt).
+        """
+        self._server.run(sockets=[self._sock])
+
+    def start(self, timeout: float = 30.0) -> LabelServer:
+        """Serve from a background thread (tests, embedding) and return once it answers; `close()` stops it."""
+        self._thread = threading.Thread(target=self.serve_forever, name="visiond-label", daemon=True)
         self._thread.start()
+        end = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > end:
+                self.close()
+                raise UserError(f"the labelling page did not start on {self.url}")
+            time.sleep(0.01)
         return self
 
-    def close(self) -> None:
+    def shutdown(self) -> None:
+        """Stop serving (from another thread): requests in flight get 2 s to finish."""
+        self._server.should_exit = True
         if self._thread is not None:
-            self.shutdown()
             self._thread.join(timeout=10)
+            if self._thread.is_alive():
+                self._server.force_exit = True
+                self._thread.join(timeout=5)
+
+    def server_close(self) -> None:
+        self._sock.close()
+
+    def close(self) -> None:
+        self.shutdown()
         self.server_close()
         self.session.close()
 

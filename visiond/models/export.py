@@ -4,12 +4,17 @@ The exported graph takes what the daemon's runtime takes — uint8 N x H x W x C
 already resized by the checkpoint's spec — and returns probabilities, normalisation and
 softmax included, so no consumer can normalise differently. The batch axis is dynamic.
 The checkpoint's metadata (classes, preprocessing, name, version) travels inside the file.
+
+`triton` writes that same ONNX file as a Triton model repository entry (`<name>/1/model.onnx`,
+`<name>/config.pbtxt` with dynamic batching, `<name>/labels.txt`), so a shared model server
+serves exactly what a box would run itself (`model.runtime: remote`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +24,12 @@ import torch
 from torch import nn
 
 from visiond.errors import UserError
-from visiond.fsutil import atomic_replace
+from visiond.fsutil import atomic_replace, atomic_write_text
 from visiond.models.checkpoint import Checkpoint, load_checkpoint
 from visiond.preprocess import Normalizer
 
 log = logging.getLogger(__name__)
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "triton")
 INPUT_NAME, OUTPUT_NAME = "pixels", "probs"
 VERIFY_BATCHES = (1, 3)
 
@@ -121,6 +126,8 @@ def export_checkpoint(checkpoint: str | Path | Checkpoint, fmt: str, out: str | 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    if fmt == "triton":
+        return export_triton(ckpt, out, tolerance=tolerance, opset=opset)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     module = ExportModule(ckpt).eval()
@@ -141,6 +148,77 @@ def export_checkpoint(checkpoint: str | Path | Checkpoint, fmt: str, out: str | 
                             f"(tolerance {tolerance:g}); not written")
     log.info("exported %s to %s (max abs diff %.3g)", getattr(checkpoint, "version", checkpoint), out, diff)
     return ExportResult(out, fmt, diff, VERIFY_BATCHES)
+
+
+TRITON_PLATFORM, TRITON_VERSION, LABELS_FILE = "onnxruntime_onnx", "1", "labels.txt"
+_TRITON_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def export_triton(checkpoint: str | Path | Checkpoint, repo: str | Path, *, name: str | None = None,
+                  max_batch: int = 64, tolerance: float = 1e-4, opset: int = 18) -> ExportResult:
+    """`<repo>/<name>/` for Triton's ONNX Runtime backend; the result's path is that model folder.
+
+    The ONNX file is the `onnx` export (same parity check against PyTorch); config.pbtxt is
+    written last, so a server polling the repository never sees a config without its model.
+    """
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    name = ckpt.name if name is None else name
+    if not _TRITON_NAME.fullmatch(name):
+        raise UserError(f"Triton model name {name!r}: expected letters, digits, '_', '.' or '-' (a folder name)")
+    if not 1 <= max_batch <= 65536:
+        raise UserError(f"--max-batch {max_batch}: expected 1..65536")
+    folder = Path(repo) / name
+    result = export_checkpoint(ckpt, "onnx", folder / TRITON_VERSION / "model.onnx", tolerance=tolerance,
+                               opset=opset)
+    # a class name is printable (the checkpoint refuses others), so each is one line
+    atomic_write_text(folder / LABELS_FILE, "".join(f"{c}\n" for c in ckpt.classes))
+    atomic_write_text(folder / "config.pbtxt", triton_config(ckpt, name, max_batch))
+    return ExportResult(folder, "triton", result.max_abs_diff, result.batch_sizes)
+
+
+def _pbtxt(text: str) -> str:
+    """A protobuf text-format string literal (UTF-8 kept, quotes, backslashes and control characters escaped)."""
+    body = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + "".join(ch if ch >= " " else f"\\{ord(ch):03o}" for ch in body) + '"'
+
+
+def triton_config(ckpt: Checkpoint, name: str, max_batch: int) -> str:
+    """config.pbtxt: the ONNX export's input and output, greedy dynamic batching, labels, visiond's identity."""
+    from visiond import __version__
+
+    s = ckpt.spec
+    params = {"visiond_version": ckpt.version, "visiond_arch": ckpt.arch,
+              "visiond_classes": json.dumps(list(ckpt.classes)), "visiond_preprocess": json.dumps(s.to_dict())}
+    colour = "grey" if s.color == "gray" else "RGB"
+    lines = [
+        f"# Written by `visiond export --format triton` (visiond {__version__}): model {name}, version {ckpt.version}.",
+        "# Serve the folder above this one with `tritonserver --model-repository <it>` and point the boxes at",
+        "# the server (model.runtime: remote, model.url). The input is the checkpoint's preprocessed image",
+        f"# ({colour} uint8 at {s.height}x{s.width}); normalisation and softmax are inside the model.",
+        f"name: {_pbtxt(name)}",
+        f"platform: {_pbtxt(TRITON_PLATFORM)}",
+        f"max_batch_size: {max_batch}",
+        "input [",
+        "  {",
+        f"    name: {_pbtxt(INPUT_NAME)}",
+        "    data_type: TYPE_UINT8",
+        f"    dims: [ {s.height}, {s.width}, {s.channels} ]",
+        "  }",
+        "]",
+        "output [",
+        "  {",
+        f"    name: {_pbtxt(OUTPUT_NAME)}",
+        "    data_type: TYPE_FP32",
+        f"    dims: [ {len(ckpt.classes)} ]",
+        f"    label_filename: {_pbtxt(LABELS_FILE)}",
+        "  }",
+        "]",
+        "# Greedy: a batch is what is queued when an instance is free, with no added wait.",
+        "dynamic_batching { }",
+        "version_policy { latest { num_versions: 1 } }",
+    ]
+    lines += [f"parameters {{ key: {_pbtxt(k)} value {{ string_value: {_pbtxt(v)} }} }}" for k, v in params.items()]
+    return "\n".join(lines) + "\n"
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, str]:

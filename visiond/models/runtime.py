@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class Classifier(Protocol):
-    runtime: str  # "torch" | "onnxruntime"
+    runtime: str  # "torch" | "onnxruntime" | "remote"
     name: str
     version: str
     arch: str
@@ -123,13 +123,22 @@ class TorchClassifier:
 
 
 def make_classifier(ckpt: Checkpoint, *, runtime: str = "torch", device: str = "auto", precision: str = "auto",
-                    threads: int = 1, cache_dir: str | Path | None = None) -> Classifier:
+                    threads: int = 1, cache_dir: str | Path | None = None, url: str | None = None,
+                    remote_model: str | None = None, remote_timeout_s: float = 2.0,
+                    remote_token: str | None = None) -> Classifier:
     """The daemon's runtime choice (`model.runtime`).
 
     `onnxruntime` (CPU) needs the checkpoint exported to ONNX; a network the exporter
     cannot take (or an export that disagrees with torch) is served by torch instead,
-    with a warning: the line gets its verdicts either way.
+    with a warning: the line gets its verdicts either way. `remote` sends the batches to
+    the model server at `url` (its model `remote_model`, default the checkpoint's name).
     """
+    if runtime == "remote":
+        from visiond.models.remote import RemoteClassifier
+
+        if not url:
+            raise ValueError("the remote runtime needs model.url (http://host:port or grpc://host:port)")
+        return RemoteClassifier(ckpt, url, model=remote_model, timeout_s=remote_timeout_s, token=remote_token)
     if runtime == "onnxruntime":
         from visiond.models.onnx_runtime import OnnxClassifier
 
@@ -140,5 +149,5 @@ def make_classifier(ckpt: Checkpoint, *, runtime: str = "torch", device: str = "
         except CheckpointError as exc:
             log.warning("%s; serving it with torch instead", exc)
     elif runtime != "torch":
-        raise ValueError(f"model.runtime {runtime!r}: expected torch or onnxruntime")
+        raise ValueError(f"model.runtime {runtime!r}: expected torch, onnxruntime or remote")
     return TorchClassifier(ckpt, device=device, precision=precision, threads=threads)

@@ -89,8 +89,11 @@ def load_model(cfg: Config) -> tuple[Classifier, Decider]:
 
 def classifier_for(cfg: Config, ckpt) -> Classifier:
     """The configured runtime for a loaded checkpoint (served or shadow)."""
-    return make_classifier(ckpt, runtime=cfg.model.runtime, device=cfg.model.device, precision=cfg.model.precision,
-                           threads=cfg.model.threads, cache_dir=Path(cfg.spool.dir) / "models")
+    m = cfg.model
+    return make_classifier(ckpt, runtime=m.runtime, device=m.device, precision=m.precision, threads=m.threads,
+                           cache_dir=Path(cfg.spool.dir) / "models", url=m.url, remote_model=m.remote_model,
+                           remote_timeout_s=m.remote_timeout_s,
+                           remote_token=m.remote_token.get_secret_value() if m.remote_token else None)
 
 
 def serving_detail(serving: ServingSet, cfg: Config) -> dict:

@@ -127,6 +127,7 @@ class Daemon:
             on_event=self._event,
             debounce=d.debounce.resolved() if d.debounce is not None else d.debounce_frames,
             on_roi_error=self._roi_error,
+            on_model=self._model_status,
         )
         self.http = None
         web = cfg.web
@@ -336,6 +337,14 @@ class Daemon:
             if paths and self.evidence.submit(job, paths):
                 event["evidence"] = paths
         self.mqtt.submit_event(camera, event)
+
+    def _model_status(self, why: str | None) -> None:
+        """Inference thread: `status/detail.model_status` says whether the model server answers (runtime remote)."""
+        state = {"state": "ok" if why is None else "unavailable", "reason": why, "at": time.time()}
+        detail = {"model_status": state}
+        if why is not None:
+            detail.update(last_error=why, last_error_at=state["at"])
+        self.mqtt.set_detail(detail)
 
     def _roi_error(self, camera: str, roi: str, why: str) -> None:
         self.mqtt.set_detail({"last_error": f"camera {camera}: {why}", "last_error_at": time.time()})

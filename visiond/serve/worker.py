@@ -19,12 +19,14 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from visiond.frames import Frame, Prediction, Timings
+from visiond.models.remote import ModelUnavailable
 from visiond.serve.decide import DefectDebouncer
 from visiond.serve.metrics import Metrics
 from visiond.serve.serving import DEFAULT, FULL, RoiPlan, ServingSet
 from visiond.video import RoiError
 
 log = logging.getLogger(__name__)
+MODEL_WAIT_CAP_S = 1.0  # longest pause after a model server failed a batch (the queues drop meanwhile)
 
 
 class Sink(Protocol):
@@ -122,11 +124,14 @@ class InferenceWorker:
                  *, max_batch: int = 16, max_wait_s: float = 0.0,
                  on_event: Callable[[str, dict], None] | None = None,
                  debounce: int | tuple[int, int, int, int] = 3,
-                 on_roi_error: Callable[[str, str, str], None] | None = None):
+                 on_roi_error: Callable[[str, str, str], None] | None = None,
+                 on_model: Callable[[str | None], None] | None = None):
         self._supply, self._slot, self._sinks, self._m = supply, slot, list(sinks), metrics
         self._max_batch, self._max_wait = max_batch, max_wait_s
         self._on_event = on_event
         self._on_roi_error = on_roi_error
+        self._on_model = on_model
+        self.model_error: str | None = None  # why the model server is not answering; None while it is
         n, m, end_n, end_m = (debounce, debounce, debounce, debounce) if isinstance(debounce, int) else debounce
         self._debounce = DefectDebouncer(n, m, end_n, end_m)
         self._thread = threading.Thread(target=self._run_guarded, name="inference", daemon=True)
@@ -185,12 +190,45 @@ class InferenceWorker:
         """One batch of frames (and requests) through the models; public so the bench can drive it directly."""
         serving = self._slot.current()
         try:
-            return self._process(serving, frames, requests)
+            out = self._process(serving, frames, requests)
+        except ModelUnavailable as exc:  # runtime remote: the server is away; the daemon goes on without it
+            self._model_unavailable(frames, requests, exc)
+            return []
         except BaseException as exc:
             for r in requests:  # nobody waits forever on a batch that failed
                 if r.result is None and r.error is None:
                     r.finish(error=f"model: {exc.__class__.__name__}: {exc}"[:300])
             raise
+        if self.model_error is not None:
+            self.model_error = None
+            log.info("the model answers again")
+            self._model_status(None)
+        return out
+
+    def _model_unavailable(self, frames: list[Frame], requests: Sequence[InferenceRequest],
+                           exc: ModelUnavailable) -> None:
+        """A batch the model server did not classify: its frames dropped and counted, its requests answered.
+
+        The next batch waits until the server is worth asking again (at most MODEL_WAIT_CAP_S), so
+        meanwhile the camera queues drop by their own policy instead of the worker spinning through frames.
+        """
+        for f in frames:
+            self._m.frames_dropped.labels(camera=f.camera, reason="model_unavailable").inc()
+        for r in requests:
+            if r.result is None and r.error is None:
+                r.finish(error=f"model: {exc}"[:300])
+        if self.model_error is None:
+            log.warning("%s; frames are dropped until it answers", exc)
+            self._model_status(str(exc))
+        self.model_error = str(exc)
+        time.sleep(min(max(exc.retry_after_s, 0.0), MODEL_WAIT_CAP_S))
+
+    def _model_status(self, why: str | None) -> None:
+        if self._on_model is not None:
+            try:
+                self._on_model(why)
+            except Exception:
+                log.exception("model status callback failed")
 
     def _process(self, serving: ServingSet, frames: list[Frame], requests: Sequence[InferenceRequest]):
         t0 = time.monotonic()
