@@ -609,10 +609,13 @@ def parse_config(raw: Any, env: dict[str, str] | None = None, source: str = "con
                 # no value shown: a misspelt `pasword:` must not print the password
                 errors.append(f"{loc}: unknown key; check the spelling")
             elif isinstance(e.get("input"), dict):
-                # a rule across a section (or the whole config): its message names the keys; the section is not
-                # shown, it may hold a password or a camera URL with one
+                # a section is never shown (it may hold a password or a camera URL with one); a rule across it
+                # (or the whole config) names its keys in its message
                 msg = e["msg"].removeprefix("Value error, ")
-                errors.append(msg if not e["loc"] else f"{loc}: {msg}")
+                if e["type"] != "value_error":
+                    errors.append(f"{loc}: got a mapping, expected: {msg}")
+                else:
+                    errors.append(msg if not e["loc"] else f"{loc}: {msg}")
             else:
                 msg = e["msg"].removeprefix("Value error, ")
                 errors.append(f"{loc}: got {_shown(e.get('input'), e['loc'])}, expected: {msg}")

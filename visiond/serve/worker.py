@@ -81,9 +81,9 @@ class ModelSlot:
                     old, self._active = self._active, staged
                     self._switched.notify_all()
             if staged is not None:
-                log.info("serving switched: recipe %s, model %s %s -> recipe %s, model %s %s",
-                         old.recipe or "-", old.classifier.name, old.classifier.version,
-                         staged.recipe or "-", staged.classifier.name, staged.classifier.version)
+                log.info("model switched: %s %s -> %s %s (recipe %s -> %s)",
+                         old.classifier.name, old.classifier.version, staged.classifier.name,
+                         staged.classifier.version, old.recipe or "-", staged.recipe or "-")
                 if self.on_switch:
                     self.on_switch(old, staged)
         return self._active
