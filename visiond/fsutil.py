@@ -14,6 +14,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import sqlite3
 from pathlib import Path
 from typing import Iterator
 
@@ -86,3 +87,24 @@ def atomic_copy(src: str | Path, target: str | Path) -> None:
     """Copy `src`'s bytes over `target` in one rename (the mode is the umask's, not `src`'s)."""
     with atomic_replace(target) as tmp:
         shutil.copyfile(src, tmp)
+
+
+@contextlib.contextmanager
+def sqlite_transaction(db: sqlite3.Connection, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    """One write transaction on an autocommit (isolation_level=None) connection: BEGIN IMMEDIATE, COMMIT at the end,
+    ROLLBACK on any exception (re-raised). `durable=False` commits without fsync (synchronous=NORMAL for this one
+    commit): for deletes whose loss in a power cut only means doing them again."""
+    if not durable:
+        db.execute("PRAGMA synchronous=NORMAL")
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+    finally:
+        if not durable:
+            db.execute("PRAGMA synchronous=FULL")

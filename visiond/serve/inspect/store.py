@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from visiond.errors import UserError
+from visiond.fsutil import sqlite_transaction
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +202,8 @@ class ResultsStore:
         try:
             values = _row_values(row)
             with self._lock:
-                db = self._writer()
                 seq = self._next_seq
-                db.execute("BEGIN IMMEDIATE")
-                try:
+                with sqlite_transaction(self._writer()) as db:
                     payload = build(seq)
                     if not isinstance(payload, (bytes, bytearray, memoryview)):
                         raise TypeError(f"build(seq) must return bytes, got {type(payload).__name__}")
@@ -212,11 +211,6 @@ class ResultsStore:
                     db.execute(_INSERT, (seq, *values, payload))
                     db.execute("INSERT INTO unspooled VALUES (?)", (seq,))
                     db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (seq + 1,))
-                    db.execute("COMMIT")
-                except BaseException:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
-                    raise
                 self._next_seq = seq + 1
                 self._count += 1
         except Exception:
@@ -233,16 +227,8 @@ class ResultsStore:
 
     def mark_spooled(self, seqs: list[int]) -> None:
         """These verdicts are on the MQTT spool (fsync'd): a restart need not publish them again."""
-        with self._lock:
-            db = self._writer()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany("DELETE FROM unspooled WHERE seq = ?", [(s,) for s in seqs])
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+        with self._lock, sqlite_transaction(self._writer()) as db:
+            db.executemany("DELETE FROM unspooled WHERE seq = ?", [(s,) for s in seqs])
 
     def prune(self, keep_days: float, now: float | None = None) -> int:
         """Delete rows decided more than `keep_days` ago, a chunk per commit so record() waits at most one chunk.
@@ -256,20 +242,9 @@ class ResultsStore:
         removed = 0
         while True:
             with self._lock:
-                db = self._writer()
-                db.execute("PRAGMA synchronous=NORMAL")  # a lost delete is redone by the next prune
-                try:
-                    db.execute("BEGIN IMMEDIATE")
-                    try:
-                        cur = db.execute("DELETE FROM results WHERE seq IN (SELECT seq FROM results "
-                                         "WHERE decided_at < ? ORDER BY decided_at LIMIT ?)", (cutoff, PRUNE_CHUNK))
-                        db.execute("COMMIT")
-                    except BaseException:
-                        if db.in_transaction:
-                            db.execute("ROLLBACK")
-                        raise
-                finally:
-                    db.execute("PRAGMA synchronous=FULL")
+                with sqlite_transaction(self._writer(), durable=False) as db:  # a lost delete: the next prune
+                    cur = db.execute("DELETE FROM results WHERE seq IN (SELECT seq FROM results "
+                                     "WHERE decided_at < ? ORDER BY decided_at LIMIT ?)", (cutoff, PRUNE_CHUNK))
                 self._count -= cur.rowcount
                 removed += cur.rowcount
             if cur.rowcount < PRUNE_CHUNK:

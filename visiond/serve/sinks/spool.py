@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from visiond.fsutil import sqlite_transaction
+
 log = logging.getLogger(__name__)
 
 FILENAME = "spool.sqlite3"
@@ -146,20 +148,13 @@ class Spool:
                 rows.append((first + i, topic, build(n), qos, captured_at, camera, correlation))
             end = first + len(rows)
             over = max(0, self._count + len(rows) - self.max_messages)
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with sqlite_transaction(self._db) as db:
                 db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (end,))
                 db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                [(f"next_seq:{k}", v) for k, v in counters.items()])
                 if over:
                     db.executemany("DELETE FROM messages WHERE seq = ?", [(s,) for s in self._victims(over)])
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
             self._next_seq = end
             self._streams.update(counters)
             self._count += len(rows) - over
@@ -209,17 +204,8 @@ class Spool:
         with self._lock:
             db = self._db
             before = db.total_changes
-            db.execute("PRAGMA synchronous=NORMAL")  # no fsync: see the module docstring
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with sqlite_transaction(db, durable=False):  # no fsync: see the module docstring
                 db.executemany("DELETE FROM messages WHERE seq = ?", [(s,) for s in seqs])
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-            finally:
-                db.execute("PRAGMA synchronous=FULL")
             self._held.difference_update(seqs)
             removed = db.total_changes - before
             self._count -= removed
