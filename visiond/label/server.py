@@ -15,15 +15,11 @@ import ipaddress
 import json
 import logging
 import secrets
-import socket
-import threading
-import time
 from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Callable
 from urllib.parse import unquote
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
@@ -32,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from visiond.asgi import AsgiServer, listen
 from visiond.data.manifest import IMAGES_DIR, INBOX_DIR
 from visiond.errors import UserError
 from visiond.label.session import LabelSession, NotFound
@@ -304,22 +301,6 @@ def build_app(server: LabelServer) -> Starlette:
     return app
 
 
-def _listen(bind: str, port: int) -> socket.socket:
-    """A listening socket, or UserError in one line (port taken, address not this machine's)."""
-    try:
-        sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET, socket.SOCK_STREAM)
-    except OSError as exc:
-        raise UserError(f"cannot listen on {bind}:{port}: {exc.strerror or exc}") from None
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((bind, port))
-        sock.listen(128)
-    except (OSError, OverflowError) as exc:
-        sock.close()
-        raise UserError(f"cannot listen on {bind}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
-    return sock
-
-
 class LabelServer:
     """One labelling run: `LabelServer(session, bind, port)`, then `start()` (a thread) or `serve_forever()`.
 
@@ -332,15 +313,11 @@ class LabelServer:
         self.allowed_hosts = frozenset(h.strip().lower().rstrip(".") for h in allow_hosts if h.strip())
         self.token = secrets.token_urlsafe(24)
         self._static: dict[str, bytes] = {}
-        self._thread: threading.Thread | None = None
-        self._sock = _listen(bind, port)
+        self._sock = listen(bind, port, "label")
         self.server_address = self._sock.getsockname()
         self.app = build_app(self)
-        config = uvicorn.Config(self.app, loop="asyncio", http="h11", lifespan="off", ws="none",
-                                log_config=None, log_level="warning", access_log=False, server_header=False,
-                                headers=[("Server", "visiond-label")], timeout_keep_alive=5,
-                                timeout_graceful_shutdown=2)
-        self._server = uvicorn.Server(config)
+        self._server = AsgiServer(self.app, self._sock, name="visiond-label", http="h11",
+                                  headers=[("Server", "visiond-label")])
 
     @property
     def url(self) -> str:
@@ -359,36 +336,24 @@ class LabelServer:
         return self._static[name]
 
     def serve_forever(self) -> None:
-        """Serve until Ctrl-C or SIGTERM (on the main thread) or `shutdown()`.
-
-        On the main thread uvicorn catches SIGINT and SIGTERM, finishes the requests in flight,
-        then raises the signal again for the handler that was there before (KeyboardInterrupt).
-        """
-        self._server.run(sockets=[self._sock])
+        """Serve until Ctrl-C or SIGTERM (on the main thread) or `shutdown()`."""
+        self._server.serve_forever()
 
     def start(self, timeout: float = 30.0) -> LabelServer:
         """Serve from a background thread (tests, embedding) and return once it answers; `close()` stops it."""
-        self._thread = threading.Thread(target=self.serve_forever, name="visiond-label", daemon=True)
-        self._thread.start()
-        end = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > end:
-                self.close()
-                raise UserError(f"the labelling page did not start on {self.url}")
-            time.sleep(0.01)
+        try:
+            self._server.start(timeout)
+        except UserError:
+            self.close()
+            raise UserError(f"the labelling page did not start on {self.url}") from None
         return self
 
     def shutdown(self) -> None:
         """Stop serving (from another thread): requests in flight get 2 s to finish."""
-        self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            if self._thread.is_alive():
-                self._server.force_exit = True
-                self._thread.join(timeout=5)
+        self._server.stop(grace_s=10.0)
 
     def server_close(self) -> None:
-        self._sock.close()
+        self._server.close()
 
     def close(self) -> None:
         self.shutdown()

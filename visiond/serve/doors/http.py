@@ -22,13 +22,11 @@ import ipaddress
 import json
 import logging
 import socket
-import threading
 import time
 import weakref
 
 import anyio
 import cv2
-import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, Counter
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
@@ -37,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from visiond.errors import UserError
+from visiond.asgi import AsgiServer, listen
 from visiond.serve.doors import live, oip
 from visiond.serve.doors.context import WebContext
 from visiond.serve.doors.oip import HttpError, ModelGate, decode_image, model_input
@@ -351,24 +349,6 @@ def build_app(ctx: WebContext) -> Starlette:
 # ---------------------------------------------------------------- the server
 
 
-def _listen(bind: str, port: int) -> socket.socket:
-    """A listening socket, or UserError in one line (the port is taken, the address is not this box's)."""
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(bind or None, port, type=socket.SOCK_STREAM,
-                                                          flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
-    except OSError as exc:
-        raise UserError(f"http: cannot listen on {bind}:{port} ({exc.strerror or exc})") from None
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise UserError(f"http: cannot listen on {bind}:{port} ({exc.strerror or exc})") from None
-    return sock
-
-
 class HttpDoor:
     """uvicorn serving `build_app(ctx)` on a thread of its own: start() returns once it listens."""
 
@@ -377,50 +357,23 @@ class HttpDoor:
         self.ctx = ctx
         self._bind, self._port = web.bind, web.port
         self.app = build_app(ctx)
-        config = uvicorn.Config(self.app, host=web.bind, port=web.port, loop="asyncio", lifespan="off", ws="none",
-                                log_config=None, log_level="warning", access_log=False, server_header=False,
-                                limit_concurrency=256, timeout_keep_alive=5, timeout_graceful_shutdown=2)
-        self._server = uvicorn.Server(config)
-        self._sock: socket.socket | None = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._server: AsgiServer | None = None
 
     @property
     def address(self) -> tuple[str, int]:
-        if self._sock is None:
-            return self._bind, self._port
-        return self._sock.getsockname()[:2]
+        return self._server.address if self._server is not None else (self._bind, self._port)
 
     def start(self, timeout: float = 10.0) -> None:
-        self._sock = _listen(self._bind, self._port)
-        self._thread = threading.Thread(target=self._serve, name="http", daemon=True)
-        self._thread.start()
-        end = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > end:
-                self.stop()
-                raise UserError(f"http: the web front did not start on {self._bind}:{self.address[1]} "
-                                f"({self._error!r})")
-            time.sleep(0.01)
+        sock = listen(self._bind, self._port, "http")
+        self._server = AsgiServer(self.app, sock, name="http", limit_concurrency=256)
+        self._server.start(timeout)
         host, port = self.address
         log.info("http on http://%s:%d/ (/metrics, /healthz, /v2, /v1)", f"[{host}]" if ":" in host else host, port)
 
-    def _serve(self) -> None:
-        try:
-            self._server.run(sockets=[self._sock])
-        except BaseException as exc:  # noticed by start() or alive()
-            self._error = exc
-            log.exception("the web front stopped")
-
     def stop(self) -> None:
-        self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            if self._thread.is_alive():
-                self._server.force_exit = True
-                self._thread.join(timeout=2)
-        if self._sock is not None:
-            self._sock.close()
+        if self._server is not None:
+            self._server.stop()
+            self._server.close()
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._server is not None and self._server.alive()
