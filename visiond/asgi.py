@@ -8,6 +8,7 @@ thread and reports when it listens, and a stop that gives requests in flight a m
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import threading
@@ -18,6 +19,33 @@ import uvicorn
 from visiond.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without its port or IPv6 brackets, lower case."""
+    host = host_header.strip()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.lower().rstrip(".")
+
+
+def host_allowed(host_header: str | None, names: frozenset[str]) -> bool:
+    """An IP literal, or one of `names` (lower case), with any port.
+
+    A DNS-rebinding page reaches a local server under its own (attacker's) name, which is none of these.
+    """
+    if not host_header:
+        return False
+    host = host_name(host_header)
+    if host in names:
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def listen(bind: str, port: int, what: str) -> socket.socket:

@@ -11,7 +11,6 @@ with, so another site open in the operator's browser cannot label anything.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import secrets
@@ -28,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from visiond.asgi import AsgiServer, listen
+from visiond.asgi import AsgiServer, host_allowed, host_name, listen
 from visiond.data.manifest import IMAGES_DIR, INBOX_DIR
 from visiond.errors import UserError
 from visiond.label.session import LabelSession, NotFound
@@ -85,33 +84,6 @@ def resolve_dataset_file(root: Path, url_path: str) -> Path:
     return real
 
 
-def _host_name(host_header: str) -> str:
-    """The name in a Host header, without its port or IPv6 brackets."""
-    host = host_header.strip()
-    if host.startswith("["):
-        return host[1:host.find("]")] if "]" in host else ""
-    if host.count(":") == 1:
-        return host.split(":", 1)[0]
-    return host
-
-
-def _host_allowed(host_header: str | None, allowed: frozenset[str] = frozenset()) -> bool:
-    """`localhost`, an IP literal or a name given with --allow-host, with any port.
-
-    A DNS-rebinding page reaches us under its own (attacker's) name, which is none of these.
-    """
-    if not host_header:
-        return False
-    host = _host_name(host_header)
-    if host.lower() == "localhost" or host.lower().rstrip(".") in allowed:
-        return True
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def _send(status: int, body: bytes, ctype: str, *, cache: str) -> Response:
     return Response(body, status_code=status, media_type=ctype, headers={"Cache-Control": cache})
 
@@ -145,14 +117,14 @@ class _Guard:
     """Method, Host and token checks before any route runs; security headers on every answer."""
 
     def __init__(self, app, *, allowed_hosts: frozenset[str], token: str):
-        self.app, self._allowed, self._token = app, allowed_hosts, token
+        self.app, self._allowed, self._token = app, frozenset(allowed_hosts) | {"localhost"}, token
 
     def _refusal(self, scope) -> Response | None:
         if scope["method"] not in _METHODS:
             return _error(405, "method not allowed", {"Allow": "GET, HEAD, POST"})
         host = _header(scope, b"host")
-        if not _host_allowed(host, self._allowed):
-            name = _host_name(host or "")[:64]
+        if not host_allowed(host, self._allowed):
+            name = host_name(host or "")[:64]
             return _error(403, f"Host {name!r} is not allowed: open the page by localhost or an IP address, "
                                f"or start visiond label with --allow-host {name or 'NAME'}")
         if scope["method"] == "POST" and not secrets.compare_digest(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 import socket
@@ -35,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from visiond.asgi import AsgiServer, listen
+from visiond.asgi import AsgiServer, host_allowed, host_name, listen
 from visiond.serve.doors import live, oip
 from visiond.serve.doors.context import WebContext
 from visiond.serve.doors.oip import HttpError, ModelGate, decode_image, model_input
@@ -74,16 +73,6 @@ def requests_counter(metrics) -> Counter:
 # ---------------------------------------------------------------- the checks on every request
 
 
-def host_name(host_header: str) -> str:
-    """The name in a Host header, without its port or IPv6 brackets, lower case."""
-    host = host_header.strip()
-    if host.startswith("["):
-        host = host[1:host.find("]")] if "]" in host else ""
-    elif host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    return host.lower().rstrip(".")
-
-
 def allowed_names(cfg) -> frozenset[str]:
     """Names a request may use for this box besides IP literals: localhost, the bind name, host and node name."""
     names = {"localhost", socket.gethostname().lower(), socket.gethostname().split(".")[0].lower(), cfg.node.lower()}
@@ -91,19 +80,6 @@ def allowed_names(cfg) -> frozenset[str]:
     if bind not in _WILDCARDS:
         names.add(bind)
     return frozenset(n for n in names if n)
-
-
-def host_allowed(host_header: str | None, names: frozenset[str]) -> bool:
-    if not host_header:
-        return False
-    host = host_name(host_header)
-    if host in names:
-        return True
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _climbs(path: str) -> bool:
