@@ -270,10 +270,13 @@ class InferenceWorker:
         self._batches += 1
         preds: list[tuple[int, Prediction]] = []
         req_rows: dict[int, dict[str, list]] = {}
+        decided = []
         for key, (_, owners) in groups.items():
             probs = outputs[key]
             model = serving.model_ref(key)
-            for decider, idx in _by_decider(owners).items():
+            by = _by_decider(owners)
+            decided.append(by)
+            for decider, idx in by.items():
                 rows = probs if len(idx) == len(owners) else probs[idx]
                 verdicts = decider.decide(rows)
                 for i, v in zip(idx, verdicts):
@@ -291,7 +294,8 @@ class InferenceWorker:
             rows = req_rows.get(id(r), {})
             probs = {roi: np.stack([p for _, p in sorted(items, key=lambda kp: kp[0])]) for roi, items in rows.items()}
             r.finish(RequestResult(serving, probs, errors.get(id(r), {}), inf, self._batches))
-        preds.sort(key=lambda item: item[0])
+        if len(groups) > 1 or any(len(by) > 1 for by in decided):  # only then can ROIs leave frame order
+            preds.sort(key=lambda item: item[0])
         out = [p for _, p in preds]
         if out:
             self._account(out, inf)

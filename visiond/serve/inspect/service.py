@@ -87,8 +87,6 @@ class Station:
         self._service = service
         self._queue: queue.Queue[Trigger | None] = queue.Queue(maxsize=cam.inspect.queue)
         self.running: Trigger | None = None
-        self.state = "ready"
-        self.last_progress = time.monotonic()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run_guarded, name=f"station-{self.name}", daemon=True)
 
@@ -128,7 +126,6 @@ class Station:
 
     def _run(self) -> None:
         while True:
-            self.last_progress = time.monotonic()
             try:
                 trigger = self._queue.get(timeout=0.5)
             except queue.Empty:
@@ -185,7 +182,6 @@ class InspectionService:
         self._ready_listeners: list[Callable[[str, str], None]] = []
         self._ready_shown: dict[str, str] = {}
         self._ready_lock = threading.Lock()
-        self._ok_counts: dict[tuple[str, str], object] = {}
         self._spooling: list[int] = []  # seqs of verdicts handed to `publish`, not yet known to be on its disk
 
     def on_verdict(self, listener: Callable[[str, bytes], None]) -> None:
@@ -293,7 +289,6 @@ class InspectionService:
                 state = "busy"
             else:
                 state = "ready"
-            st.state = state
             if self._ready_shown.get(st.name) != state:
                 self._ready_shown[st.name] = state
                 self._set_ready(st.name, state)
