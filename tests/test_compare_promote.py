@@ -24,10 +24,11 @@ def model_with_spot(tmp_path_factory, synth_images, model_without_spot):
 def test_init_from_keeps_known_head_rows_and_adds_the_new_class(model_without_spot):
     old = load_checkpoint(model_without_spot)
     net = build_model("smallcnn", 4, **old.arch_args)
-    fresh_row = net.state_dict()["classifier.4.weight"][3].clone()
+    head = transfer.head_name(net)  # the last Linear layer, whichever smallcnn version
+    fresh_row = net.state_dict()[f"{head}.weight"][3].clone()
     transfer.load_from_checkpoint(net, old, ["empty", "ok", "scratch", "spot"])
-    w, b = net.state_dict()["classifier.4.weight"], net.state_dict()["classifier.4.bias"]
-    assert torch.equal(w[:3], old.state_dict["classifier.4.weight"]) and torch.equal(b[:3], old.state_dict["classifier.4.bias"])
+    w, b = net.state_dict()[f"{head}.weight"], net.state_dict()[f"{head}.bias"]
+    assert torch.equal(w[:3], old.state_dict[f"{head}.weight"]) and torch.equal(b[:3], old.state_dict[f"{head}.bias"])
     assert torch.equal(w[3], fresh_row)  # the new class starts from its fresh initialisation
     assert torch.equal(net.state_dict()["features.0.weight"], old.state_dict["features.0.weight"])
 

@@ -73,7 +73,7 @@ def test_torchscript_export_matches_pytorch_and_carries_metadata(tmp_path):
 def test_unknown_format_or_tolerance_failure_writes_nothing(tmp_path):
     ckpt = make_checkpoint(tmp_path / "m.ckpt", "smallcnn", 32)
     with pytest.raises(UserError, match="expected one of onnx, torchscript"):
-        export_checkpoint(ckpt, "tflite", tmp_path / "m.tflite")
+        export_checkpoint(ckpt, "coreml", tmp_path / "m.mlmodel")
     # a tolerance below any float difference cannot be met: nothing half-written is left behind
     with pytest.raises(UserError, match="differs from PyTorch"):
         export_checkpoint(ckpt, "onnx", tmp_path / "m.onnx", tolerance=-1.0)

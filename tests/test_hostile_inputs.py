@@ -225,7 +225,8 @@ def _pickle(tmp: Path, marker: Path, zip_format: bool) -> bytes:
 
 def _nan_weights(good):
     sd = {k: v.clone() for k, v in good.state_dict.items()}
-    sd["classifier.4.bias"][0] = float("nan")
+    head_bias = [k for k in sd if k.startswith("classifier.") and k.endswith(".bias")][-1]  # smallcnn v1 or v2
+    sd[head_bias][0] = float("nan")
     return sd
 
 

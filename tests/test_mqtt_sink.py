@@ -327,6 +327,41 @@ def test_a_running_sink_reconnects_and_resends_after_a_broker_outage(mosquitto, 
     assert [d["seq"] for d in recorder.json_payloads("/prediction")] == [5]
 
 
+def test_a_connected_sink_sends_from_memory_and_reads_the_spool_back_only_after_an_outage(
+    mosquitto, mqtt_recorder, make_sink, metrics
+):
+    # given a connected sink whose spool counts its reads and its commits
+    recorder = mqtt_recorder("visiond/+/+/prediction")
+    sink, spool = make_sink(mosquitto)
+    wait_until(lambda: sink.connected, what="connected")
+    reads, commits = [], []
+    peek = spool.peek
+    spool.peek = lambda after, limit: reads.append(after) or peek(after, limit)
+    spool._db.set_trace_callback(lambda s: commits.append(s) if s.strip().upper() == "COMMIT" else None)
+    # when 20 batches of 8 go out
+    for _ in range(20):
+        sink.submit([prediction()] * 8)
+    recorder.wait_for(lambda ms: len(ms) == 160)
+    wait_until(lambda: spool.count() == 0, what="spool drained")
+    # then none was read back from the disk (the spool stays the durable copy, written before each send),
+    # and the acknowledged rows left in groups, not one transaction per message
+    assert reads == []
+    assert len(commits) <= 20 + 20, f"{len(commits)} commits for 20 batches"
+    # when the broker goes away while frames come, and returns
+    mosquitto.stop()
+    wait_until(lambda: not sink.connected, what="disconnected")
+    sink.submit([prediction()] * 4)
+    mosquitto.start()
+    # then those are read back from the spool and arrive, seq gapless
+    wait_until(lambda: sink.connected and spool.count() == 0, timeout=40, what="reconnected and drained")
+    assert reads, "after an outage the spool is read back"
+    late = mqtt_recorder("visiond/+/+/prediction")
+    sink.submit([prediction()])
+    late.wait_for(lambda ms: len(ms) == 1)
+    assert [d["seq"] for d in late.json_payloads("/prediction")] == [165]
+    assert sample(metrics, "visiond_mqtt_publish_total", result="acked") == 165
+
+
 def test_a_frozen_broker_is_noticed_within_one_and_a_half_keepalives(mosquitto, make_sink, metrics):
     # given a connected sink with a 2 s keepalive
     sink, _ = make_sink(mosquitto, keepalive_s=2)

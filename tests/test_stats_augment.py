@@ -105,7 +105,7 @@ def test_augmentation_changes_the_image_and_bad_settings_are_user_errors():
     torch.manual_seed(0)
     outs = [build_augmentation("heavy", spec)(x) for _ in range(4)]
     assert not all(torch.equal(o, x) for o in outs)
-    with pytest.raises(UserError, match="expected one of none, light, line, heavy"):
+    with pytest.raises(UserError, match="expected one of none, safe, trivial, light, line, heavy"):
         build_augmentation("wild", spec)
     with pytest.raises(UserError, match="zoom"):
         AugmentConfig(zoom=(0.5, 1.5))

@@ -119,6 +119,10 @@ class CameraConfig(_Model):
     queue_size: int = Field(4, ge=1, le=10000, description="Frames held per camera between capture and the model.")
     roi: tuple[int, int, int, int] | None = Field(None, description="Crop x, y, w, h in pixels, applied before the model.")
     loop: bool = Field(False, description="Files and folders: start again at the end instead of stopping.")
+    decode: Literal["auto", "cpu", "nvdec"] = Field(
+        "auto", description="Video files and RTSP streams: cpu (OpenCV/FFmpeg), nvdec (NVIDIA's hardware decoder "
+        "via PyNvVideoCodec, frames stay on the GPU for the model) or auto (nvdec where a CUDA GPU, PyNvVideoCodec "
+        "and the codec are there, else cpu). A failed nvdec falls back to cpu, logged once.")
     open_timeout_s: float = Field(10.0, gt=0, le=600, description="Network streams: give up opening after this long. "
                                   "Any source: an open blocked 10 s past this is a hung driver (watchdog pings stop).")
     read_timeout_s: float = Field(5.0, gt=0, le=600, description="Network streams: a read that blocks longer is a stall. "
@@ -176,13 +180,22 @@ class ModelConfig(_Model):
         description="Under saturation only (the previous batch was full): wait this long to fill the next one. "
         "At light load frames never wait.",
     )
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto = fp16 autocast on CUDA, fp32 on CPU.")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="auto = fp16 on CUDA, fp32 on CPU (the model is cast once at load; bf16 is honoured "
+        "on CPU too).")
     threads: int = Field(1, ge=0, le=256, description="Intra-op threads of the runtime on CPU; 0 = the runtime's default.")
-    runtime: Literal["torch", "onnxruntime", "remote"] = Field(
-        "torch", description="torch (CPU or CUDA) | onnxruntime (CPU only; faster on CPU) | remote (a model server "
-        "over the Open Inference Protocol at model.url: Triton, KServe or another visiond). For onnxruntime the "
-        "checkpoint is exported to ONNX at load, checked against torch, and cached in <spool.dir>/models/; a "
-        "network the exporter cannot take is served by torch, with a warning.")
+    resize_on: Literal["cpu", "gpu", "auto"] = Field(
+        "auto", description="Where frames are resized to the model's input (torch on CUDA): cpu (cv2, then one "
+        "upload of the small inputs), gpu (one upload of the full frames, a batched resize on the GPU) or auto "
+        "(the faster of the two, timed at warm-up on the cameras' frame sizes; cpu until measured). Frames "
+        "decoded on the GPU (decode: nvdec) are always resized there.")
+    runtime: Literal["torch", "onnxruntime", "openvino", "auto", "remote"] = Field(
+        "torch", description="torch (CPU or CUDA) | onnxruntime (CPU only; faster on CPU) | openvino (CPU only; "
+        "Intel's runtime) | auto (torch on CUDA; on a CPU the runtime `visiond bench --streams` measured fastest, "
+        "onnxruntime today) "
+        "| remote (a model server over the Open Inference Protocol at model.url: Triton, KServe or another "
+        "visiond). For onnxruntime and openvino the checkpoint is exported to ONNX at load, checked against torch, "
+        "and cached in <spool.dir>/models/; a network the exporter cannot take is served by torch, with a warning.")
     url: str | None = Field(None, pattern=r"^(https?|grpc)://[^\s/]+(:\d+)?(/\S*)?$",
                             description="runtime remote: the model server, http://host:port or grpc://host:port.")
     remote_model: str | None = Field(None, description="runtime remote: the model's name on the server; default: "
@@ -195,14 +208,18 @@ class ModelConfig(_Model):
         None, description="A candidate checkpoint run beside the served one on the same frames; its labels are "
         "compared, never published as predictions. Also set/cleared by cmd/shadow.")
     shadow_interval_s: float = Field(60.0, gt=0, le=86400, description="How often the shadow comparison is published.")
+    tta: Literal["none", "flip", "flip+crop"] = Field(
+        "none", description="Test-time augmentation: average the scores of the frame and its flips (flip), plus four "
+        "corner crops (flip+crop); only transforms the model's training augmentation used. Each view is one more "
+        "image through the model: flip costs 2-3x, flip+crop 6-7x the inference time (README, TTA).")
 
     @field_validator("runtime")
     @classmethod
     def _runtime_on_its_device(cls, v, info):
         device = info.data.get("device", "auto")
-        if v == "onnxruntime" and device.startswith("cuda"):
-            raise ValueError(f"runtime onnxruntime runs on the CPU, but model.device is {device!r}; "
-                             "use device auto or cpu, or runtime torch for CUDA")
+        if v in ("onnxruntime", "openvino") and device.startswith("cuda"):
+            raise ValueError(f"runtime {v} runs on the CPU, but model.device is {device!r}; "
+                             "use device auto or cpu, or runtime torch (or auto) for CUDA")
         return v
 
     @model_validator(mode="after")

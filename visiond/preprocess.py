@@ -103,12 +103,59 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def stack_uint8(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
-    """Resize every image into one preallocated uint8 N x H x W x C array."""
-    out = np.empty((len(images), spec.height, spec.width, spec.channels), dtype=np.uint8)
+def stack_uint8(images: Sequence[np.ndarray], spec: PreprocessSpec, out: np.ndarray | None = None) -> np.ndarray:
+    """Resize every image into one uint8 N x H x W x C array (`out`, e.g. a pinned staging buffer, if given)."""
+    shape = (len(images), spec.height, spec.width, spec.channels)
+    if out is None:
+        out = np.empty(shape, dtype=np.uint8)
+    elif out.shape != shape or out.dtype != np.uint8:
+        raise ValueError(f"stack_uint8 out of shape {out.shape} {out.dtype}: expected {shape} uint8")
     for i, img in enumerate(images):
         out[i] = resize_uint8(img, spec)
     return out
+
+
+class DeviceFrame(np.ndarray):
+    """A decoded frame's host pixels (an ordinary uint8 array) that also knows its copy on the GPU.
+
+    GPU decoders (serve/nvdec.py) hand these over: everything that reads pixels on the host
+    (evidence crops, captures, the live page) sees a plain array, while the model reads
+    `device_tensor` (uint8 H x W x C on the device) with no upload. Basic slicing (the camera
+    ROI, the inspection ROIs) slices both; any other derived array is host-only.
+    """
+
+    device_tensor: torch.Tensor | None
+
+    def __new__(cls, host: np.ndarray, device_tensor: torch.Tensor | None):
+        obj = np.asarray(host).view(cls)
+        if device_tensor is not None and tuple(device_tensor.shape) != obj.shape:
+            raise ValueError(f"device copy of shape {tuple(device_tensor.shape)} does not match the host's {obj.shape}")
+        obj.device_tensor = device_tensor
+        return obj
+
+    def __array_finalize__(self, obj):
+        self.device_tensor = None
+
+    def __getitem__(self, key):
+        out = super().__getitem__(key)
+        t = self.device_tensor
+        if isinstance(out, DeviceFrame) and t is not None and _basic_slices(key):
+            view = t[key]
+            out.device_tensor = view if tuple(view.shape) == out.shape else None
+        return out
+
+    def __reduce__(self):  # pickles (and copies across processes) as the plain host array
+        return np.asarray(self).view(np.ndarray).__reduce__()
+
+
+def _basic_slices(key) -> bool:
+    keys = key if isinstance(key, tuple) else (key,)
+    return all(isinstance(k, slice) and (k.step is None or k.step > 0) for k in keys)
+
+
+def device_tensor_of(image) -> torch.Tensor | None:
+    """The GPU copy a `DeviceFrame` carries; None for any other image."""
+    return getattr(image, "device_tensor", None)
 
 
 class Normalizer(torch.nn.Module):
@@ -128,17 +175,27 @@ class Normalizer(torch.nn.Module):
 
 
 def gpu_resize_uint8(frames: Sequence[torch.Tensor], spec: PreprocessSpec) -> torch.Tensor:
-    """GPU twin of `stack_uint8` for full frames already on the device (uint8 HWC BGR).
+    """The torch twin of `stack_uint8` for frames already on the model's device (uint8 HWC BGR/BGRA/grey).
 
-    Bilinear with half-pixel centres and no antialias is the same sampling as
-    cv2.INTER_LINEAR; values differ by at most rounding (tested against the CPU path).
+    Frames of one shape are resized together (one batched interpolate per shape), the
+    output keeps the input order. Bilinear with half-pixel centres and no antialias is
+    the same sampling as cv2.INTER_LINEAR; values differ by at most rounding (tested
+    against the CPU path). Returns uint8 N x H x W x C on the frames' device.
     """
     if spec.resize not in ("linear", "nearest"):
         raise ValueError(f"GPU preprocessing supports resize linear/nearest, the checkpoint asks for {spec.resize!r}")
+    if not frames:
+        raise ValueError("gpu_resize_uint8: no frames")
     mode = "bilinear" if spec.resize == "linear" else "nearest"
-    outs = []
-    for f in frames:
-        x = f.permute(2, 0, 1).unsqueeze(0).float()
+    hwc = [f if f.ndim == 3 else f.unsqueeze(-1) for f in frames]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, f in enumerate(hwc):
+        groups.setdefault(tuple(f.shape), []).append(i)
+    first = hwc[0]
+    out = torch.empty((len(hwc), spec.height, spec.width, spec.channels), dtype=torch.uint8, device=first.device)
+    for idx in groups.values():
+        batch = torch.stack([hwc[i] for i in idx])
+        x = batch.permute(0, 3, 1, 2).float()
         if x.shape[1] == 4:
             x = x[:, :3]
         y = torch.nn.functional.interpolate(x, size=(spec.height, spec.width), mode=mode,
@@ -150,5 +207,9 @@ def gpu_resize_uint8(frames: Sequence[torch.Tensor], spec: PreprocessSpec) -> to
             y = y.expand(-1, 3, -1, -1)
         else:
             y = y.flip(1)  # BGR -> RGB
-        outs.append(y.round_().clamp_(0, 255).to(torch.uint8))
-    return torch.cat(outs).permute(0, 2, 3, 1).contiguous()
+        y = y.round().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # expand: no in-place round
+        if len(idx) == len(frames):
+            out.copy_(y)
+        else:
+            out[torch.tensor(idx, device=first.device)] = y
+    return out

@@ -26,7 +26,8 @@ app = typer.Typer(
 
 # Each module registers its commands on `app` with a `register(app)` function.
 _COMMAND_MODULES = ("visiond.cli.run", "visiond.cli.dataset", "visiond.cli.model", "visiond.cli.label",
-                    "visiond.cli.capture", "visiond.cli.loop", "visiond.cli.results", "visiond.cli.opcua")
+                    "visiond.cli.capture", "visiond.cli.loop", "visiond.cli.results", "visiond.cli.opcua",
+                    "visiond.cli.tune")
 
 
 def _version(value: bool):

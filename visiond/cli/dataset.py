@@ -136,7 +136,8 @@ def stats_cmd(
 def augment_preview_cmd(
     dataset_dir: Path = typer.Argument(..., help="Dataset directory."),
     out: Path = typer.Option(..., "--out", help="PNG file to write."),
-    preset: str = typer.Option("line", help="Augmentation preset: none | light | line | heavy."),
+    preset: str = typer.Option(None, help="Augmentation preset: safe (the training default) | trivial | none | "
+                                          "light | line | heavy."),
     size: int = typer.Option(64, help="Model input size (square), as in training."),
     grayscale: bool = typer.Option(False, help="Grey input, as in training with --grayscale."),
     rows: int = typer.Option(8, help="How many sample images (rows)."),
@@ -151,8 +152,11 @@ def augment_preview_cmd(
         spec = PreprocessSpec.for_color(size, "gray" if grayscale else "rgb")
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    from visiond.data.augment import DEFAULT_PRESET
+
+    preset = preset or DEFAULT_PRESET
     path = augment_preview(dataset_dir, out, preset, spec, n=rows, seed=seed)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path} (preset {preset})")
 
 
 def register(app: typer.Typer) -> None:

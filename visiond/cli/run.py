@@ -122,6 +122,34 @@ def _bench_checkpoint(cache: Path) -> Path:
     return checkpoint
 
 
+def bench_arch_checkpoint(arch: str, size: int) -> Path:
+    """A freshly initialised `arch` at `size` x `size` with the synthetic line's classes, made once in the cache:
+    a model for timing (random weights time as trained ones do), never downloaded."""
+    import torch
+
+    from visiond.errors import UserError
+    from visiond.harness import synthline
+    from visiond.models.arch import ARCHITECTURES, build_model
+    from visiond.models.checkpoint import save_checkpoint
+    from visiond.preprocess import PreprocessSpec
+
+    networks = [a for a in ARCHITECTURES if a not in ("knn", "svm")]  # the classical baselines are no CNN to time
+    if arch not in networks:
+        raise UserError(f"--arch {arch!r}: expected one of {', '.join(networks)}")
+    if not 16 <= size <= 1024:
+        raise UserError(f"--size {size}: expected 16..1024")
+    cache = bench_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{arch}-{size}.ckpt"
+    if not path.exists():
+        torch.manual_seed(0)
+        spec = PreprocessSpec.for_color(size, "rgb", imagenet=arch != "smallcnn")
+        net = build_model(arch, len(synthline.CLASSES), spec.channels, size)
+        save_checkpoint(path, arch=arch, classes=synthline.CLASSES, spec=spec, state_dict=net.state_dict(),
+                        arch_args={"in_channels": spec.channels, "image_size": size}, name=f"{arch}-{size}")
+    return path
+
+
 def bench_inputs(video: Path | None, checkpoint: Path | None) -> tuple[Path, Path]:
     """The video and model to measure: the ones given, else the cached synthetic defaults (made if missing)."""
     from rich.console import Console
@@ -153,21 +181,65 @@ def bench(
     broker: str = typer.Option(None, help="host:port of an MQTT broker (default: a private mosquitto)."),
     realtime_fps: float = typer.Option(30.0, help="Rate of the real-time latency run (with --inspect: the camera's)."),
     realtime_seconds: float = typer.Option(10.0, help="Length of the real-time latency run."),
-    runtime: str = typer.Option("torch", help="Model runtime for every run: torch or onnxruntime (CPU)."),
+    runtime: str = typer.Option("torch", help="Model runtime for every run: torch, onnxruntime (CPU), openvino "
+                                              "(CPU) or auto (what a daemon's model.runtime auto picks here)."),
     inspect: bool = typer.Option(False, "--inspect", help="Measure a triggered station instead: 3 ROIs on the video "
                                                           "at --realtime-fps, trigger -> verdict over MQTT 5."),
     seconds: float = typer.Option(30.0, "--seconds", help="--inspect: how long the triggers come."),
     rate: float = typer.Option(10.0, "--rate", help="--inspect: triggers a second."),
+    arch: str = typer.Option(None, "--arch", help="Measure a freshly initialised network of this architecture "
+                                                  "(e.g. mobilenet_v3_small, resnet18; made once, cached) instead of "
+                                                  "the default model; with --size. --streams defaults to "
+                                                  "mobilenet_v3_small."),
+    size: int = typer.Option(224, "--size", help="--arch: its input side in pixels."),
+    model_only: bool = typer.Option(False, "--model-only", help="Only the model stage, for torch, onnxruntime and "
+                                                                "openvino side by side."),
+    streams: bool = typer.Option(False, "--streams", help="How many cameras at --realtime-fps this box holds: the "
+                                                          "daemon with N cameras, N raised until frames drop or p99 "
+                                                          "capture -> broker passes --p99-ms."),
+    rtsp: bool = typer.Option(False, "--rtsp", help="--streams: the cameras are RTSP streams of the video "
+                                                    "(tools/rtsp_server.py) instead of the file at --realtime-fps."),
+    hold: float = typer.Option(60.0, "--hold", help="--streams: seconds a number of cameras must hold."),
+    p99_ms: float = typer.Option(100.0, "--p99-ms", help="--streams: the p99 latency limit."),
+    max_streams: int = typer.Option(64, "--max-streams", help="--streams: the most cameras to try."),
+    threads: int = typer.Option(1, "--threads", help="--streams, --model-only: the runtime's intra-op threads "
+                                                     "(model.threads; 0 = the runtime's default)."),
 ) -> None:
     """Measure decode, model, a naive per-frame loop and the daemon pipeline on one video (or, with --inspect,
     a triggered station's trigger -> verdict latency and accuracy)."""
     from visiond.errors import UserError
     from visiond.serve.bench import BenchOptions, run_bench, run_bench_inspect
 
-    if runtime not in ("torch", "onnxruntime"):
-        raise UserError(f"--runtime {runtime!r}: expected torch or onnxruntime")
+    if runtime not in ("torch", "onnxruntime", "openvino", "auto"):
+        raise UserError(f"--runtime {runtime!r}: expected torch, onnxruntime, openvino or auto")
     if inspect and (seconds <= 0 or rate <= 0):
         raise UserError(f"--seconds {seconds:g} and --rate {rate:g}: expected both > 0")
+    if sum((inspect, streams, model_only)) > 1:
+        raise UserError("--inspect, --streams and --model-only: expected at most one")
+    if arch is not None and checkpoint is not None:
+        raise UserError("--arch and --checkpoint: expected one of them")
+    if streams and arch is None and checkpoint is None:
+        arch = "mobilenet_v3_small"  # a realistic model for a plant's question
+    if arch is not None:
+        checkpoint = bench_arch_checkpoint(arch, size)
+    if model_only:
+        from visiond.serve.benchmodel import run_model_only
+
+        if checkpoint is None:  # the default model, without rendering the video it is not run on
+            bench_cache_dir().mkdir(parents=True, exist_ok=True)
+            checkpoint = _bench_checkpoint(bench_cache_dir())
+        elif not checkpoint.exists():
+            raise UserError(f"--checkpoint {checkpoint}: not found")
+        run_model_only(checkpoint, max_batch=max_batch, threads=threads, json_out=json_out)
+        return
+    if streams:
+        from visiond.serve.benchstreams import StreamsOptions, run_streams
+
+        video, checkpoint = bench_inputs(video, checkpoint)
+        run_streams(StreamsOptions(video=video, checkpoint=checkpoint, runtime=runtime, fps=realtime_fps, hold_s=hold,
+                                   p99_limit_ms=p99_ms, max_streams=max_streams, rtsp=rtsp, max_batch=max_batch,
+                                   threads=threads, json_out=json_out))
+        return
 
     video, checkpoint = bench_inputs(video, checkpoint)
     opts = BenchOptions(video=video, checkpoint=checkpoint, json_out=json_out, frames=frames, max_batch=max_batch,

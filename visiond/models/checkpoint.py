@@ -2,9 +2,11 @@
 
 Layout: tensors are the model's state dict; the safetensors header's
 `__metadata__` holds `visiond` = JSON with format, name, arch, arch_args,
-classes, preprocess spec, training metadata and `version` (a content hash of
-everything else). Loading parses JSON and raw tensors only, so a hostile file
-gets a clear error and no code runs, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says.
+classes, preprocess spec, training metadata (with `meta.temperature`, the
+softmax temperature fitted at the end of training; absent = 1.0, so older
+files load unchanged) and `version` (a content hash of everything else).
+Loading parses JSON and raw tensors only, so a hostile file gets a clear
+error and no code runs, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says.
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ class Checkpoint:
     version: str = ""
 
     @property
+    def temperature(self) -> float:
+        """Softmax temperature fitted on the validation split (meta['temperature']; 1.0 when never fitted).
+
+        Every runtime and export divides the logits by it before softmax, so scores read as confidence.
+        """
+        return float(self.meta.get("temperature", 1.0))
+
+    @property
     def thresholds(self) -> dict[str, float]:
         """Per-class score thresholds written by `visiond evaluate --write-threshold`."""
         return {str(k): float(v) for k, v in self.meta.get("thresholds", {}).items()}
@@ -64,6 +74,13 @@ class Checkpoint:
                 f"weights do not fit architecture {self.arch!r} with {len(self.classes)} classes "
                 f"({len(wrong)} tensor(s) of the wrong shape, e.g. {name}: {got} in the file, {expected} expected; "
                 f"class list and weights disagree?)"
+            )
+        missing = [k for k in wanted if k not in self.state_dict]  # checked on shapes too: before allocating
+        unexpected = [k for k in self.state_dict if k not in wanted]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"weights do not fit architecture {self.arch!r} with {len(self.classes)} classes "
+                f"(missing {len(missing)} tensors e.g. {missing[:2]}, unexpected {len(unexpected)} e.g. {unexpected[:2]})"
             )
         model = build_model(self.arch, len(self.classes), **self.arch_args)
         missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
@@ -112,6 +129,7 @@ def save_checkpoint(
     meta = dict(meta or {})
     meta.setdefault("created_at", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     meta.setdefault("visiond_version", __version__)
+    _check_temperature(meta.get("temperature", 1.0), str(path))
     fields = {
         "format": FORMAT,
         "name": name or path.stem,
@@ -195,6 +213,17 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
     return ckpt
 
 
+TEMPERATURE_RANGE = (0.05, 20.0)
+
+
+def _check_temperature(value, where: str) -> None:
+    """A temperature outside the fitted range would turn every score into 0/1 or uniform: refuse it."""
+    lo, hi = TEMPERATURE_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= float(value) <= hi:
+        raise CheckpointError(f"{where}: meta temperature {_brief(value)}: expected a number in [{lo:g}, {hi:g}] "
+                              "(the softmax temperature fitted on the validation split)")
+
+
 def _from_fields(fields: dict, tensors: dict, where: str = "checkpoint") -> Checkpoint:
     try:
         arch = str(fields["arch"])
@@ -206,6 +235,7 @@ def _from_fields(fields: dict, tensors: dict, where: str = "checkpoint") -> Chec
         if len(classes) > MAX_CLASSES or not all(0 < len(c) <= 128 and c.isprintable() for c in classes):
             raise CheckpointError(f"{where}: {len(classes)} classes {_brief(list(classes[:5]))}...: expected at most "
                                   f"{MAX_CLASSES} printable names of 1..128 characters (they become labels and topics)")
+        _check_temperature(dict(fields.get("meta") or {}).get("temperature", 1.0), where)
         return Checkpoint(
             name=str(fields.get("name") or "model"),
             arch=arch,

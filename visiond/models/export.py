@@ -2,7 +2,8 @@
 
 The exported graph takes what the daemon's runtime takes — uint8 N x H x W x C pixels,
 already resized by the checkpoint's spec — and returns probabilities, normalisation and
-softmax included, so no consumer can normalise differently. The batch axis is dynamic.
+softmax included (the logits divided by the checkpoint's fitted temperature first), so no
+consumer can normalise or calibrate differently. The batch axis is dynamic.
 The checkpoint's metadata (classes, preprocessing, name, version) travels inside the file.
 
 `triton` writes that same ONNX file as a Triton model repository entry (`<name>/1/model.onnx`,
@@ -29,20 +30,29 @@ from visiond.models.checkpoint import Checkpoint, load_checkpoint
 from visiond.preprocess import Normalizer
 
 log = logging.getLogger(__name__)
-FORMATS = ("onnx", "torchscript", "triton")
+FORMATS = ("onnx", "torchscript", "triton", "tflite")  # tflite: visiond.models.tflite_export (extra visiond[tflite])
 INPUT_NAME, OUTPUT_NAME = "pixels", "probs"
 VERIFY_BATCHES = (1, 3)
 
 
 class ExportModule(nn.Module):
-    """uint8 NHWC -> probabilities: the runtime's Normalizer, the network, softmax."""
+    """uint8 NHWC -> probabilities: the runtime's Normalizer, the network, the checkpoint's temperature, softmax.
+
+    The temperature (fitted on the validation split at the end of training) is a constant in the graph,
+    so every export and every runtime built on one (onnxruntime, OpenVINO, TFLite, Triton) gives the
+    same calibrated scores as `TorchClassifier`; at 1.0 the graph has no division at all.
+    """
 
     def __init__(self, ckpt: Checkpoint):
         super().__init__()
         self.normalize, self.net = Normalizer(ckpt.spec), ckpt.build()
+        self.temperature = float(ckpt.temperature)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(self.normalize(pixels)).float(), dim=1)
+        logits = self.net(self.normalize(pixels)).float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return torch.softmax(logits, dim=1)
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,8 @@ def export_metadata(ckpt: Checkpoint) -> dict[str, str]:
     """String key/values for ONNX metadata_props and TorchScript extra files."""
     info = {"format": "visiond.export/1", "name": ckpt.name, "version": ckpt.version, "arch": ckpt.arch,
             "classes": list(ckpt.classes), "preprocess": ckpt.spec.to_dict(), "input": INPUT_NAME,
-            "input_layout": "NHWC uint8", "output": OUTPUT_NAME, "thresholds": ckpt.thresholds}
+            "input_layout": "NHWC uint8", "output": OUTPUT_NAME, "thresholds": ckpt.thresholds,
+            "temperature": ckpt.temperature}
     return {"visiond": json.dumps(info, sort_keys=True), "name": ckpt.name, "version": ckpt.version,
             "classes": json.dumps(list(ckpt.classes)), "preprocess": json.dumps(ckpt.spec.to_dict())}
 
@@ -121,13 +132,19 @@ def _run_torchscript(path: Path, inputs: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def export_checkpoint(checkpoint: str | Path | Checkpoint, fmt: str, out: str | Path, *, tolerance: float = 1e-4,
-                      opset: int = 18) -> ExportResult:
+                      opset: int = 18, **tflite) -> ExportResult:
     """Write the export atomically, then refuse it (and delete it) if it disagrees with PyTorch."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if fmt == "triton":
         return export_triton(ckpt, out, tolerance=tolerance, opset=opset)
+    if fmt == "tflite":  # options: batch, int8, calibration, labels, int8_tolerance, progress (see export_tflite)
+        from visiond.models.tflite_export import export_tflite
+
+        return export_tflite(ckpt, ExportModule(ckpt), export_metadata(ckpt), out, tolerance=tolerance, **tflite)
+    if tflite:
+        raise TypeError(f"export_checkpoint: {', '.join(tflite)} only apply to fmt='tflite'")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     module = ExportModule(ckpt).eval()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -25,6 +26,35 @@ from visiond.models.checkpoint import Checkpoint, CheckpointError
 from visiond.preprocess import stack_uint8
 
 log = logging.getLogger(__name__)
+
+_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def choose_providers(available: Sequence[str], device: str, *, cuda_devices: int, current: int = 0,
+                     cache_dir: str | Path | None = None, tensorrt: bool = True) -> list:
+    """ONNX Runtime execution providers for `device`, best first, always ending with the CPU.
+
+    TensorRT and CUDA come from the `visiond[gpu]` extra (onnxruntime-gpu) and are used only
+    where they are installed (`available`, from ort.get_available_providers()) and a CUDA GPU
+    is present: device auto picks them then, cpu never does. TensorRT builds an engine on the
+    first load (a minute for resnet18) and caches it beside the ONNX file.
+    """
+    want_gpu = device != "cpu" and cuda_devices > 0
+    idx = int(device.partition(":")[2]) if device.startswith("cuda:") else current
+    chosen: list = []
+    if want_gpu and tensorrt and "TensorrtExecutionProvider" in available:
+        opts = {"device_id": idx}
+        if cache_dir is not None:
+            opts |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(Path(cache_dir) / "tensorrt")}
+        chosen.append(("TensorrtExecutionProvider", opts))
+    if want_gpu and "CUDAExecutionProvider" in available:
+        chosen.append(("CUDAExecutionProvider", {"device_id": idx}))
+    chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def _provider_name(p) -> str:
+    return p if isinstance(p, str) else p[0]
 
 
 def _cached_version(path: Path) -> str | None:
@@ -37,11 +67,12 @@ def _cached_version(path: Path) -> str | None:
 
 
 class OnnxClassifier:
-    """ONNX Runtime, CPU execution provider; input is the spec-resized uint8 batch."""
+    """ONNX Runtime (CPU, or CUDA/TensorRT with onnxruntime-gpu); input is the spec-resized uint8 batch."""
 
     runtime = "onnxruntime"
 
-    def __init__(self, ckpt: Checkpoint, cache_dir: str | Path, threads: int = 1):
+    def __init__(self, ckpt: Checkpoint, cache_dir: str | Path, threads: int = 1, device: str = "cpu",
+                 tensorrt: bool = True):
         import onnxruntime as ort
 
         from visiond.models.export import INPUT_NAME, OUTPUT_NAME, export_checkpoint
@@ -67,16 +98,43 @@ class OnnxClassifier:
         # Idle pool threads must not spin: decoding and publishing share these cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self._session = ort.InferenceSession(str(path), options, providers=self._providers(ort, device, cache, tensorrt))
         except Exception as exc:  # noqa: BLE001 - a corrupt cache file: say so, the next load re-exports
             path.unlink(missing_ok=True)
             raise CheckpointError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from exc
         self._input, self._output = INPUT_NAME, OUTPUT_NAME
+        used = self._session.get_providers()
+        if used and used[0] in _GPU_PROVIDERS:
+            opts = self._session.get_provider_options().get(used[0], {})
+            self.device = f"cuda:{opts.get('device_id', 0)}"
+        log.info("model %s %s: onnxruntime on %s (providers %s)", ckpt.name, ckpt.version, self.device, ", ".join(used))
 
-    def warmup(self, max_batch: int = 1) -> None:
+    @staticmethod
+    def _providers(ort, device: str, cache: Path, tensorrt: bool) -> list:
+        available = ort.get_available_providers()
+        cuda_devices, current = 0, 0
+        if device != "cpu" and any(p in available for p in _GPU_PROVIDERS):
+            import torch
+
+            cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            current = torch.cuda.current_device() if cuda_devices else 0
+        chosen = choose_providers(available, device, cuda_devices=cuda_devices, current=current, cache_dir=cache,
+                                  tensorrt=tensorrt)
+        if device.startswith("cuda") and len(chosen) == 1:
+            log.warning("onnxruntime: model.device %s asks for a GPU, but %s; running on the CPU", device,
+                        "no CUDA GPU is present" if any(p in available for p in _GPU_PROVIDERS)
+                        else "onnxruntime-gpu is not installed (pip install 'visiond[gpu]')")
+        return chosen
+
+    def warmup(self, max_batch: int = 1, frame_shapes: Sequence[tuple[int, ...]] = ()) -> None:
+        """Each batch size once, then `predict_images` with frames of the cameras' sizes."""
         s = self.spec
-        for n in sorted({1, max_batch}):
+        sizes = sorted({1, max_batch})
+        for n in sizes:
             self.predict(np.zeros((n, s.height, s.width, s.channels), np.uint8))
+        for shape in dict.fromkeys(tuple(shape) for shape in frame_shapes):
+            for n in sizes:
+                self.predict_images([np.zeros(shape, np.uint8)] * n)
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 N x H x W x C (already resized by the spec) -> float32 N x classes probabilities."""

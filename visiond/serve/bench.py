@@ -21,9 +21,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -31,17 +33,21 @@ import paho.mqtt.client as mqtt
 from rich.console import Console
 from rich.table import Table
 
-from visiond.config import DecideConfig
+from visiond.config import DecideConfig, MqttConfig
 from visiond.errors import UserError
+from visiond.frames import Frame, ModelRef, Prediction, Timings
 from visiond.harness.broker import Broker, BrokerError
 from visiond.harness.child import DaemonProcess
 from visiond.harness.recorder import Recorder
 from visiond.harness.requester import Requester
 from visiond.harness.synthline import read_truth, truth_path
 from visiond.models.checkpoint import load_checkpoint
-from visiond.models.runtime import Classifier, make_classifier
+from visiond.models.runtime import Classifier, make_classifier, warm_up
 from visiond.preprocess import resize_uint8
 from visiond.serve.decide import Decider
+from visiond.serve.metrics import Metrics
+from visiond.serve.sinks.mqtt import MqttSink
+from visiond.serve.sinks.spool import Spool
 
 console = Console(stderr=True)
 
@@ -227,10 +233,13 @@ def pipeline(opts: BenchOptions, host: str, port: int, frames: int, fps: float =
         shutil.copytree(opts.model_cache, work / "spool" / "models")
     sub = Recorder(host, port, "visiond/bench/cam/prediction").start()
     proc = subprocess.Popen([sys.executable, "-m", "visiond", "run", "--config", str(cfg)])
-    deadline = time.time() + 60 + frames / max(fps, 50)
+    # start-up (imports, model load, warm-up) may take minutes on a busy box with a large model; then the frames
+    deadline, started = time.time() + 180, False
     marks: dict[str, tuple[int, float]] = {}  # steady-state CPU: between 10 % and 90 % of the messages
     while sub.count() < frames and time.time() < deadline and proc.poll() is None:
         n = sub.count()
+        if n and not started:
+            started, deadline = True, time.time() + 60 + frames / max(fps, 10)
         for name, at in (("a", 0.1), ("b", 0.9)):
             if name not in marks and n >= frames * at:
                 marks[name] = (n, _proc_cpu(proc.pid))
@@ -246,6 +255,103 @@ def pipeline(opts: BenchOptions, host: str, port: int, frames: int, fps: float =
     else:
         cpu = (ru.ru_utime + ru.ru_stime) / max(sub.count(), 1)
     out.update(cpu_s_per_frame=cpu, rss_max_mb=ru.ru_maxrss / 1024, exit_code=os.waitstatus_to_exitcode(status))
+    return out
+
+
+# --------------------------------------------------------------------------- deliver only: sink, spool, broker
+
+
+DELIVER_OUTSTANDING = 1024  # submitted but not yet received: enough to keep every stage busy, bounded memory
+
+
+def _thread_cpu(thread: threading.Thread | None) -> float:
+    """CPU seconds of one thread of this process (0.0 when it is gone or unknown)."""
+    if thread is None or thread.ident is None:
+        return 0.0
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    except (OSError, ValueError):
+        return 0.0
+
+
+def _new_paho_thread(before: set[threading.Thread]) -> threading.Thread | None:
+    """The paho network thread a recorder started since `before` (all of the subscriber's work runs on it)."""
+    found = [t for t in threading.enumerate() if t not in before and t.name.startswith("paho-mqtt-client-")]
+    return found[0] if len(found) == 1 else None
+
+
+def _precomputed(classes: Sequence[str], n: int) -> list[tuple]:
+    """(label, score, top, defect) verdicts as the decider makes them, cycling through the classes."""
+    out = []
+    for i in range(n):
+        label = classes[i % len(classes)]
+        other = classes[(i + 1) % len(classes)]
+        score = 0.5 + (i % 50) / 100.0
+        out.append((label, score, ((label, score), (other, round(1 - score, 6))), i % 7 == 0))
+    return out
+
+
+def bench_deliver(opts: BenchOptions, classes: Sequence[str], host: str, port: int, broker_pid: int | None,
+                  frames: int) -> dict:
+    """The daemon's delivery alone: the same MqttSink, spool and payload code on precomputed verdicts, submitted in
+    batches of max_batch as fast as the subscriber receives them (at most DELIVER_OUTSTANDING in between), with the
+    CPU of this process's sink threads, the broker and the subscriber per message."""
+    work = Path(tempfile.mkdtemp(prefix="visiond-bench-deliver-"))
+    metrics = Metrics(process=False)
+    spool = Spool(work, max(1_000_000, 2 * frames), metrics)
+    sink = MqttSink(MqttConfig(host=host, port=port), "bench", spool, metrics)
+    before = set(threading.enumerate())
+    sub = Recorder(host, port, "visiond/bench/cam/prediction").start()
+    sub_thread = _new_paho_thread(before)
+    verdicts = _precomputed(list(classes), 256)
+    model = ModelRef("bench", "deliver")
+    sink.start()
+    try:
+        end = time.monotonic() + 10
+        while not sink.connected and time.monotonic() < end:
+            time.sleep(0.01)
+        if not sink.connected:
+            raise UserError(f"bench: the MQTT sink could not connect to {host}:{port}")
+        marks: dict[str, tuple[int, float, float, float | None]] = {}
+        submitted, batch, deadline = 0, max(1, opts.max_batch), time.monotonic() + 60 + frames / 200
+        while time.monotonic() < deadline:
+            n = sub.count()
+            if n >= frames:
+                break
+            for name, at in (("a", 0.1), ("b", 0.9)):
+                if name not in marks and n >= frames * at:
+                    marks[name] = (n, time.process_time(), _thread_cpu(sub_thread),
+                                   _proc_cpu(broker_pid) if broker_pid else None)
+            if submitted < frames and submitted - n < DELIVER_OUTSTANDING:
+                k = min(batch, frames - submitted)
+                now_wall, now_mono = time.time(), time.monotonic()
+                preds = []
+                for i in range(submitted, submitted + k):
+                    label, score, top, defect = verdicts[i % len(verdicts)]
+                    preds.append(Prediction(Frame("cam", i, now_wall, now_mono, None), label, score, top, defect,
+                                            model, Timings(0.0005, 0.002, 0.0025), i // batch))
+                sink.submit(preds)
+                submitted += k
+                continue
+            time.sleep(0.001)
+    finally:
+        sink.stop(drain_timeout_s=2.0)
+        spool.close()
+        sub.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    out = _summary(_received(sub)[:frames])
+    out["batch"] = batch
+    if "a" in marks and "b" in marks and marks["b"][0] > marks["a"][0]:
+        (na, ca, sa, ba), (nb, cb, sb, bb) = marks["a"], marks["b"]
+        msgs = nb - na
+        sub_cpu = (sb - sa) / msgs
+        out["cpu_s_per_frame_parts"] = {
+            "visiond": (cb - ca) / msgs - sub_cpu, "broker": None if ba is None else (bb - ba) / msgs,
+            "subscriber": sub_cpu}
+    else:
+        out["cpu_s_per_frame_parts"] = {"visiond": None, "broker": None, "subscriber": None}
+    parts = [v for v in out["cpu_s_per_frame_parts"].values() if v is not None]
+    out["cpu_s_per_frame"] = sum(parts) if parts else None
     return out
 
 
@@ -271,7 +377,7 @@ def _load_model(opts: BenchOptions, cache: Path):
     """The checkpoint and its classifier; an ONNX export is kept in `cache` for the daemons to reuse."""
     ckpt = load_checkpoint(opts.checkpoint)
     clf = make_classifier(ckpt, runtime=opts.runtime, device="auto", threads=1, cache_dir=cache)
-    opts.model_cache = cache if clf.runtime == "onnxruntime" else None
+    opts.model_cache = cache if clf.runtime in ("onnxruntime", "openvino") else None
     return ckpt, clf
 
 
@@ -287,7 +393,7 @@ def run_bench(opts: BenchOptions) -> dict:
     opts = _defaults(opts)
     cache = Path(tempfile.mkdtemp(prefix="visiond-bench-models-"))
     _, clf = _load_model(opts, cache)
-    clf.warmup(opts.max_batch)
+    warm_up(clf, opts.max_batch, [(opts.roi[3], opts.roi[2], 3)])  # the crops the model gets
     broker, host, port = _broker(opts)
     try:
         with console.status("decode only"):
@@ -296,6 +402,9 @@ def run_bench(opts: BenchOptions) -> dict:
             prep = bench_preprocess(opts, clf.spec)
         with console.status("model only, batch 1..max"):
             model = bench_model(clf, opts.max_batch)
+        with console.status("deliver only: sink, spool, broker and subscriber at saturation"):
+            deliver = bench_deliver(opts, clf.classes, host, port, broker.proc.pid if broker else None,
+                                    2 * opts.frames)
         with console.status("naive per-frame loop"):
             naive = naive_loop(opts, clf, host, port, opts.frames)
         with console.status("daemon pipeline at saturation"):
@@ -309,26 +418,44 @@ def run_bench(opts: BenchOptions) -> dict:
         if broker:
             broker.close()
         shutil.rmtree(cache, ignore_errors=True)
-    result = _assemble(opts, clf, decode, prep, model, naive, pipe, naive_rt, pipe_rt)
+    result = _assemble(opts, clf, decode, prep, model, deliver, naive, pipe, naive_rt, pipe_rt)
     _print(result)
     if opts.json_out:
         Path(opts.json_out).write_text(json.dumps(result, indent=2))
     return result
 
 
-def _assemble(opts, clf, decode, prep, model, naive, pipe, naive_rt, pipe_rt) -> dict:
+def limit_of(decode: dict, prep: dict, model: dict, deliver: dict, cores: int) -> dict:
+    """The most a pipeline on this box can do: the slowest stage alone, or the cores divided by the CPU that
+    one frame costs in all four stages (decode, preprocess, model at its best batch, deliver) together."""
+    best_b = max(model, key=lambda b: model[b]["fps"])
+    cpu = {"decode": decode["cpu_s_per_frame"], "preprocess": prep["cpu_s_per_frame"],
+           "model": model[best_b]["cpu_s_per_frame"], "deliver": deliver.get("cpu_s_per_frame") or 0.0}
+    cpu_needed = sum(cpu.values())
+    terms = {"decode": decode["fps"], f"model@{best_b}": model[best_b]["fps"], "deliver": deliver["fps"],
+             "cpu": cores / cpu_needed if cpu_needed > 0 else float("inf")}
+    binds = min(terms, key=lambda k: terms[k])
+    return {"fps": terms[binds], "binds": binds, "terms": terms, "cpu_s_per_frame": cpu, "cores": cores,
+            "formula": f"min(decode, model@{best_b}, deliver, cores / (decode + preprocess + model + deliver "
+                       "CPU-s per frame))"}
+
+
+def _assemble(opts, clf, decode, prep, model, deliver, naive, pipe, naive_rt, pipe_rt) -> dict:
     best_b = max(model, key=lambda b: model[b]["fps"])
     cores = os.cpu_count() or 1
-    cpu_needed = decode["cpu_s_per_frame"] + prep["cpu_s_per_frame"] + model[best_b]["cpu_s_per_frame"]
-    cpu_bound = cores / cpu_needed
-    limit = min(decode["fps"], model[best_b]["fps"], cpu_bound)
+    limit = limit_of(decode, prep, model, deliver, cores)
+    stages_cpu = sum(limit["cpu_s_per_frame"].values()) - (deliver.get("cpu_s_per_frame") or 0.0) + \
+        (deliver["cpu_s_per_frame_parts"].get("visiond") or 0.0)
     return {
         **_about(opts, clf), "frames": opts.frames,
         "decode_only": decode, "preprocess_only": prep,
         "model_only": {str(b): v for b, v in model.items()}, "model_best_batch": best_b,
-        "cpu_bound_fps": cpu_bound, "limit_fps": limit,
+        "deliver_only": deliver,
+        "cpu_bound_fps": limit["terms"]["cpu"], "limit_fps": limit["fps"], "limit": limit,
         "naive": naive, "pipeline": pipe,
-        "ratio_to_limit": pipe["fps"] / limit if limit else None,
+        # the daemon's CPU per frame beyond what its stages cost alone: the worker's batching and bookkeeping
+        "pipeline_unaccounted_cpu_s_per_frame": pipe["cpu_s_per_frame"] - stages_cpu,
+        "ratio_to_limit": pipe["fps"] / limit["fps"] if limit["fps"] else None,
         "ratio_to_naive": pipe["fps"] / naive["fps"] if naive["fps"] else None,
         "realtime": {"fps": opts.realtime_fps, "naive": naive_rt, "pipeline": pipe_rt,
                      "p50_difference_ms": (pipe_rt["latency_p50_ms"] or 0) - (naive_rt["latency_p50_ms"] or 0)},
@@ -350,16 +477,25 @@ def _print(r: dict) -> None:
               _f(r["preprocess_only"]["cpu_s_per_frame"] * 1e3, "{:.3f}"))
     for b, v in r["model_only"].items():
         t.add_row(f"model only, batch {b}", _f(v["fps"]), "", "", _f(v["cpu_s_per_frame"] * 1e3, "{:.3f}"))
+    d = r["deliver_only"]
+    t.add_row(f"deliver only, batch {d['batch']}", _f(d["fps"]), _f(d["latency_p50_ms"], "{:.2f}"),
+              _f(d["latency_p99_ms"], "{:.2f}"), _f(None if d["cpu_s_per_frame"] is None else d["cpu_s_per_frame"] * 1e3,
+                                                     "{:.3f}"))
     for name, v in (("naive loop", r["naive"]), ("pipeline", r["pipeline"]),
                     (f"naive @ {r['realtime']['fps']:g} fps", r["realtime"]["naive"]),
                     (f"pipeline @ {r['realtime']['fps']:g} fps", r["realtime"]["pipeline"])):
         t.add_row(name, _f(v["fps"]), _f(v["latency_p50_ms"], "{:.2f}"), _f(v["latency_p99_ms"], "{:.2f}"),
                   _f(v["cpu_s_per_frame"] * 1e3, "{:.3f}"))
     Console().print(t)
-    Console().print(f"limit {r['limit_fps']:.0f} fps (decode {r['decode_only']['fps']:.0f}, model@{r['model_best_batch']} "
-                    f"{r['model_only'][str(r['model_best_batch'])]['fps']:.0f}, CPU bound {r['cpu_bound_fps']:.0f}); "
+    lim = r["limit"]
+    terms = ", ".join(f"{k} {v:.0f}" for k, v in lim["terms"].items())
+    parts = ", ".join(f"{k} {_f(v * 1e3 if v is not None else None, '{:.3f}')}"
+                      for k, v in r["deliver_only"]["cpu_s_per_frame_parts"].items())
+    Console().print(f"deliver CPU ms per message: {parts}")
+    Console().print(f"limit {lim['fps']:.0f} fps = {lim['formula']} = min({terms}); {lim['binds']} binds; "
                     f"ratio_to_limit {_f(r['ratio_to_limit'], '{:.2f}')}, ratio_to_naive {_f(r['ratio_to_naive'], '{:.2f}')}, "
-                    f"real-time p50 difference {r['realtime']['p50_difference_ms']:+.2f} ms")
+                    f"real-time p50 difference {r['realtime']['p50_difference_ms']:+.2f} ms; daemon CPU beyond its stages "
+                    f"{r['pipeline_unaccounted_cpu_s_per_frame'] * 1e3:+.3f} ms/frame", soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- --inspect: a triggered station

@@ -20,7 +20,7 @@ import numpy as np
 from visiond.config import Config
 from visiond.errors import UserError
 from visiond.models.checkpoint import CheckpointError, load_checkpoint
-from visiond.models.runtime import Classifier, make_classifier
+from visiond.models.runtime import Classifier, make_classifier, warm_up
 from visiond.serve.decide import Decider
 from visiond.serve.inspect.service import trigger_from
 from visiond.serve.metrics import Metrics
@@ -58,7 +58,7 @@ class ModelLoader:
             return hit[1], hit[2]
         ckpt = load_checkpoint(path)
         clf = classifier_for(self.cfg, ckpt)
-        clf.warmup(self.cfg.model.max_batch)
+        warm_up(clf, self.cfg.model.max_batch, warmup_shapes(self.cfg))
         with self._lock:
             self._cache[key] = (ident, clf, dict(ckpt.thresholds or {}))
         return clf, dict(ckpt.thresholds or {})
@@ -83,17 +83,52 @@ def load_model(cfg: Config) -> tuple[Classifier, Decider]:
     ckpt = load_checkpoint(cfg.model.checkpoint)
     decider = Decider(ckpt.classes, cfg.decide, ckpt.thresholds)
     clf = classifier_for(cfg, ckpt)
-    clf.warmup(cfg.model.max_batch)
+    warm_up(clf, cfg.model.max_batch, warmup_shapes(cfg))
     return clf, decider
 
 
+_TYPICAL_FRAME = (1080, 1920, 3)  # a stream's size is known only once it streams: warm up for 1080p
+
+
+def warmup_shapes(cfg: Config) -> list[tuple[int, int, int]]:
+    """The frame sizes the model will get: each ROI's size, else a video file's frame size, else 1080p."""
+    shapes = []
+    for cam in cfg.cameras:
+        rects = [r.rect for r in cam.rois] if cam.rois else [cam.roi] if cam.roi else []
+        shapes += [(h, w, 3) for _x, _y, w, h in rects] or [_probe_frame(cam.source)]
+    return list(dict.fromkeys(shapes))
+
+
+def _probe_frame(source: str) -> tuple[int, int, int]:
+    from visiond.video import source_kind
+
+    if source_kind(source) == "file":
+        import cv2
+
+        cap = cv2.VideoCapture(str(source))
+        try:
+            w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        finally:
+            cap.release()
+        if w > 0 and h > 0:
+            return (h, w, 3)
+    return _TYPICAL_FRAME
+
+
 def classifier_for(cfg: Config, ckpt) -> Classifier:
-    """The configured runtime for a loaded checkpoint (served or shadow)."""
+    """The configured runtime for a loaded checkpoint (served or shadow), behind model.tta's views if set."""
     m = cfg.model
-    return make_classifier(ckpt, runtime=m.runtime, device=m.device, precision=m.precision, threads=m.threads,
-                           cache_dir=Path(cfg.spool.dir) / "models", url=m.url, remote_model=m.remote_model,
-                           remote_timeout_s=m.remote_timeout_s,
-                           remote_token=m.remote_token.get_secret_value() if m.remote_token else None)
+    clf = make_classifier(ckpt, runtime=m.runtime, device=m.device, precision=m.precision, threads=m.threads,
+                          cache_dir=Path(cfg.spool.dir) / "models", url=m.url, remote_model=m.remote_model,
+                          remote_timeout_s=m.remote_timeout_s,
+                          remote_token=m.remote_token.get_secret_value() if m.remote_token else None,
+                          resize_on=m.resize_on)
+    if m.tta == "none":
+        return clf
+    from visiond.data.augment import PRESETS  # calib: test-time augmentation (issue 14), views in one batch
+    from visiond.models.tta import with_tta
+
+    return with_tta(clf, m.tta, ckpt, PRESETS)
 
 
 def serving_detail(serving: ServingSet, cfg: Config) -> dict:
@@ -107,7 +142,7 @@ def serving_detail(serving: ServingSet, cfg: Config) -> dict:
 def model_detail(clf) -> dict:
     """The served model as `status/detail` shows it."""
     return {"name": clf.name, "version": clf.version, "arch": clf.arch, "device": clf.device,
-            "runtime": clf.runtime, "classes": list(clf.classes)}
+            "runtime": clf.runtime, "classes": list(clf.classes), "tta": getattr(clf, "tta", "none")}
 
 
 def file_identity(path: Path):
@@ -384,7 +419,7 @@ class Control:
             try:
                 ckpt = load_checkpoint(path)
                 clf = classifier_for(self.cfg, ckpt)
-                clf.warmup(self.cfg.model.max_batch)
+                warm_up(clf, self.cfg.model.max_batch, warmup_shapes(self.cfg))
             except _REFUSED as exc:
                 msg = _first_line(exc)
                 log.error("shadow candidate refused (%s): %s", why, msg)

@@ -101,6 +101,10 @@ class FrameSource:
         self._on_status = on_status
         self._stop = stop
         self._backoff = backoff or Backoff()
+        if opener is open_capture and cfg.decode != "cpu":  # GPU decode where it can run (serve/nvdec.py)
+            from visiond.serve.nvdec import make_opener
+
+            opener = make_opener(cfg, open_capture)
         self._opener = opener
         self._live = is_live(cfg.source)
         self._shown = redact_url(str(cfg.source))

@@ -329,13 +329,16 @@ class InferenceWorker:
         m.batch_size.observe(len(preds))
         m.inference_seconds.observe(inference_s)
         now = time.monotonic()
+        counts: dict[tuple[str, str], int] = {}  # one counter update per camera and label of the batch, not per frame
         for p in preds:
             key = (p.frame.camera, p.label)
+            counts[key] = counts.get(key, 0) + 1
+        for key, n in counts.items():
             child = self._label_counters.get(key)
             if child is None:
                 child = self._label_counters[key] = m.predictions.labels(camera=key[0], label=key[1])
-            child.inc()
-            self.last_frame[p.frame.camera] = now
+            child.inc(n)
+            self.last_frame[key[0]] = now
         self.frames_done += len(preds)
 
     def _events(self, preds: list[Prediction]) -> None:

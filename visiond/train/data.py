@@ -125,8 +125,24 @@ def _carve_val(train: list[Sample], seed: int, fraction: float = 0.1) -> tuple[l
     the same tenth every time, so model selection never peeks at the test split."""
     log.info("no val split: holding out a stratified %.0f%% of train (%d images) for validation",
              fraction * 100, round(len(train) * fraction))
-    assigned = split_dataset(train, 1 - fraction, fraction, 0.0, seed=seed)
+    assigned = split_dataset(train, 1 - fraction, fraction, 0.0, seed=seed, reshuffle=True)  # all rows say "train"
     return [s for s in assigned if s.split == "train"], [s for s in assigned if s.split == "val"]
+
+
+def stored_image_shape(root: Path, samples: list[Sample], n: int = 32) -> tuple[int, int, int] | None:
+    """(median height, median width, 1 if every one is stored grey else 3) over up to `n` evenly
+    spaced readable samples; None when none is readable. What the default input size and colour
+    follow (`recipe.preprocess_spec`)."""
+    step = max(1, len(samples) // n)
+    shapes = []
+    for s in samples[::step][:n]:
+        img = load_image(root, s)
+        if img is not None and img.ndim in (2, 3):
+            shapes.append((img.shape[0], img.shape[1], 1 if img.ndim == 2 or img.shape[2] == 1 else 3))
+    if not shapes:
+        return None
+    hs, ws, cs = zip(*shapes)
+    return int(np.median(hs)), int(np.median(ws)), 1 if max(cs) == 1 else 3
 
 
 def _decode(root: Path, sample: Sample, spec: PreprocessSpec) -> np.ndarray | None:

@@ -35,11 +35,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def train_one_epoch(model, loader, criterion, optimizer, device, scaler=None, amp_dtype=None, bar=None) -> torch.Tensor:
+def train_one_epoch(model, loader, criterion, optimizer, device, scaler=None, amp_dtype=None, bar=None, *,
+                    scheduler=None, grad_clip: float = 0.0, ema=None) -> torch.Tensor:
     """One pass over the training data; returns [loss sum, correct, count] for this rank, on the device
-    (summed there so CUDA never waits for a number unless the progress bar shows it)."""
+    (summed there so CUDA never waits for a number unless the progress bar shows it).
+
+    After every optimizer step: the scheduler steps (warm-up and cosine are per step) and the
+    moving average of the weights (`ema`) follows; gradients are clipped to `grad_clip` first."""
     model.train()
-    transfer.frozen_batchnorm_eval(_unwrap(model).net)
+    net = _unwrap(model).net
+    transfer.frozen_batchnorm_eval(net)
+    scaling = scaler is not None and scaler.is_enabled()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -47,13 +53,22 @@ def train_one_epoch(model, loader, criterion, optimizer, device, scaler=None, am
             logits = model(images)
             loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
+        if scaling:
             scaler.scale(loss).backward()
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
             optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update(net)
         n = targets.new_tensor(targets.shape[0], dtype=torch.float64)
         sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double(), n])
         if bar is not None and bar.enabled:

@@ -4,21 +4,28 @@ Probabilities come from `TorchClassifier`, the daemon's own runtime, on images t
 through the daemon's own resize, so the report describes the model as it will be served.
 Defect thresholds are chosen for a target recall (missing a defect costs more than a
 false alarm) and can be written into the checkpoint, where the daemon's `Decider` reads them.
+Calibration is measured twice: the raw scores (T = 1) and the served ones (the checkpoint's
+fitted temperature), as expected calibration error and a reliability diagram. `tta` runs the
+model through the same test-time augmentation wrapper the daemon uses (`model.tta`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from visiond.data.augment import PRESETS
 from visiond.errors import UserError
 from visiond.fsutil import atomic_write_text
 from visiond.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from visiond.models.runtime import TorchClassifier
+from visiond.models.tta import TTA_MODES, with_tta
+from visiond.train import calibrate
 from visiond.train.data import ImageDataset, load_splits
 from visiond.train.metrics import classification_metrics, precision_recall_curve, threshold_for_recall
 
@@ -41,6 +48,7 @@ class EvaluateOptions:
     write_threshold: bool = False
     device: str = "cpu"
     batch_size: int = 64
+    tta: str = "none"   # none | flip | flip+crop
 
 
 @dataclass
@@ -51,7 +59,7 @@ class EvaluationReport:
     new_version: str | None = None
 
 
-def predict_dataset(clf: TorchClassifier, ds: ImageDataset, batch_size: int = 64) -> np.ndarray:
+def predict_dataset(clf, ds: ImageDataset, batch_size: int = 64) -> np.ndarray:
     """N x classes probabilities, in the dataset's order, through the serving runtime."""
     out = []
     for start in range(0, len(ds), batch_size):
@@ -110,6 +118,8 @@ def evaluate_checkpoint(opts: EvaluateOptions) -> EvaluationReport:
 
     if not 0 < opts.target_recall <= 1:
         raise UserError(f"--target-recall {opts.target_recall}: expected a fraction in (0, 1]")
+    if opts.tta not in TTA_MODES:
+        raise UserError(f"--tta {opts.tta!r}: expected one of {', '.join(TTA_MODES)}")
     ckpt = load_checkpoint(opts.checkpoint)
     defects = _defect_classes(opts, ckpt)
     root, samples = _samples(opts, ckpt)
@@ -117,15 +127,21 @@ def evaluate_checkpoint(opts: EvaluateOptions) -> EvaluationReport:
     if len(ds) == 0:
         raise UserError(f"{opts.dataset}: no readable images in split {opts.split!r}")
     clf = TorchClassifier(ckpt, device=opts.device, precision="fp32", threads=0)
-    probs = predict_dataset(clf, ds, opts.batch_size)
+    model = with_tta(clf, opts.tta, ckpt, PRESETS)
+    t0 = time.perf_counter()
+    probs = predict_dataset(model, ds, opts.batch_size)  # as served: the checkpoint's temperature applied
+    seconds = time.perf_counter() - t0
     classes, y_true = list(ckpt.classes), ds.labels
     metrics = classification_metrics(y_true, probs.argmax(1), classes)
     metrics.update(checkpoint=str(opts.checkpoint), version=ckpt.version, split=opts.split,
-                   skipped_unreadable=[s.path for s in ds.skipped])
+                   skipped_unreadable=[s.path for s in ds.skipped], tta=opts.tta,
+                   tta_views=list(getattr(model, "views", ("image",))), inference_seconds=round(seconds, 3))
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"confusion_matrix_png": plots.confusion_png(metrics["confusion_matrix"]["matrix"], classes,
                                                          out / "confusion_matrix.png")}
+    metrics["calibration"] = _calibration(model, clf, ds, probs, opts.batch_size)
+    files["reliability_png"] = _reliability_png(metrics["calibration"], out / "reliability.png")
     atomic_write_text(out / "confusion_matrix.json", json.dumps(metrics["confusion_matrix"], indent=1))
     files["confusion_matrix_json"] = out / "confusion_matrix.json"
     sheet = _misclassified_sheet(ds, y_true, probs, classes, out / "misclassified.png")
@@ -152,6 +168,42 @@ def evaluate_checkpoint(opts: EvaluateOptions) -> EvaluationReport:
     return report
 
 
+def _calibration(model, clf: TorchClassifier, ds: ImageDataset, probs: np.ndarray, batch_size: int) -> dict:
+    """ECE (and NLL, reliability bins) of the raw scores (T = 1) and of the served ones (fitted T)."""
+    temperature = clf.temperature
+    if temperature != 1.0:
+        clf.temperature = 1.0  # the same runtime (and TTA views), only the temperature taken out
+        try:
+            raw = predict_dataset(model, ds, batch_size)
+        finally:
+            clf.temperature = temperature
+    else:
+        raw = probs
+    y = ds.labels
+    result = {"temperature": temperature, "bins": calibrate.ECE_BINS}
+    for key, p in (("uncalibrated", raw), ("calibrated", probs)):
+        picked = np.clip(p[np.arange(len(y)), y], 1e-12, 1.0)
+        result[key] = {"temperature": 1.0 if key == "uncalibrated" else temperature,
+                       "ece": calibrate.expected_calibration_error(p, y),
+                       "nll": float(-np.log(picked).mean()) if len(y) else 0.0,
+                       "mean_confidence": float(p.max(1).mean()) if len(y) else 0.0,
+                       "reliability": calibrate.reliability_bins(p, y)}
+    result["ece_uncalibrated"], result["ece_calibrated"] = result["uncalibrated"]["ece"], result["calibrated"]["ece"]
+    return result
+
+
+def _reliability_png(cal: dict, path: Path) -> Path:
+    from visiond.train import plots
+
+    t = cal["temperature"]
+    if t == 1.0:
+        panels = [("T = 1 (no temperature fitted)", cal["calibrated"]["reliability"], cal["calibrated"]["ece"])]
+    else:
+        panels = [("uncalibrated, T = 1", cal["uncalibrated"]["reliability"], cal["uncalibrated"]["ece"]),
+                  (f"calibrated, T = {t:.3g}", cal["calibrated"]["reliability"], cal["calibrated"]["ece"])]
+    return plots.reliability_png(panels, path)
+
+
 def _write_report(path: Path, ckpt: Checkpoint, opts: EvaluateOptions, m: dict, files: dict) -> Path:
     lines = [f"# Evaluation of `{ckpt.name}` (version {ckpt.version})", "",
              f"- checkpoint: `{opts.checkpoint}` ({ckpt.arch}, {len(ckpt.classes)} classes, "
@@ -167,6 +219,19 @@ def _write_report(path: Path, ckpt: Checkpoint, opts: EvaluateOptions, m: dict, 
                  f"{m['support']} |")
     lines.append(f"| *weighted avg* | {m['weighted_precision']:.4f} | {m['weighted_recall']:.4f} | "
                  f"{m['weighted_f1']:.4f} | {m['support']} |")
+    cal = m["calibration"]
+    lines += ["", f"## Calibration ({cal['bins']} equal-width bins, top label)", "",
+              "| scores | temperature | ECE | NLL | mean confidence |", "|---|---:|---:|---:|---:|"]
+    for key in ("uncalibrated", "calibrated"):
+        c = cal[key]
+        lines.append(f"| {key} | {c['temperature']:.4g} | {c['ece']:.4f} | {c['nll']:.4f} | "
+                     f"{c['mean_confidence']:.4f} |")
+    if cal["temperature"] == 1.0:
+        lines += ["", "The checkpoint has no fitted temperature (T = 1): its scores are the raw softmax."]
+    if m["tta"] != "none":
+        lines += ["", f"Test-time augmentation `{m['tta']}`: probabilities averaged over {len(m['tta_views'])} "
+                  f"views ({', '.join(m['tta_views'])})."]
+    lines += ["", "![reliability](reliability.png)"]
     lines += ["", "## Confusion matrix (rows: true, columns: predicted)", "", "![confusion](confusion_matrix.png)"]
     lines += ["", "## Misclassified images", ""]
     lines.append("![misclassified](misclassified.png)" if "misclassified" in files else "None: every image is right.")

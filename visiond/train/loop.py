@@ -8,6 +8,7 @@ random draws an uninterrupted one would have made.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -20,9 +21,10 @@ from visiond.data.augment import build_augmentation
 from visiond.errors import UserError
 from visiond.models.checkpoint import load_checkpoint, save_checkpoint
 from visiond.preprocess import PreprocessSpec
-from visiond.train import recipe, transfer
-from visiond.train.baseline import train_knn
+from visiond.train import calibrate, recipe, transfer
+from visiond.train.baseline import train_baseline
 from visiond.train.data import DataSplits, ImageDataset, inverse_frequency_weights, load_splits
+from visiond.train.ema import ModelEMA
 from visiond.train.engine import TrainableModel, evaluate, train_one_epoch
 from visiond.train.options import BASELINES, EarlyStopping, TrainOptions, TrainResult  # noqa: F401 (re-exported)
 from visiond.train.progress import EpochBar
@@ -73,6 +75,12 @@ class _Run:
     seed_gen: torch.Generator
     amp_dtype: torch.dtype | None
     name: str  # the model line's name, resolved once (it may read the --init-from header)
+    ema: ModelEMA | None  # the weights' moving average: what is validated and saved
+    eval_model: TrainableModel  # the model validation runs: the average's, else the trained one
+
+    def saved_state(self) -> dict:
+        """The weights that go into the checkpoints."""
+        return (self.ema.module if self.ema is not None else self.net).state_dict()
 
 
 def train(opts: TrainOptions) -> TrainResult:
@@ -81,20 +89,24 @@ def train(opts: TrainOptions) -> TrainResult:
     procs = recipe.init_processes(opts.device)
     try:
         if opts.arch in BASELINES:
-            return train_knn(opts, procs)
+            return train_baseline(opts, procs)
         t0 = time.monotonic()
         run = _prepare(opts, procs)
         for epoch in range(run.start, opts.epochs):
             row = _run_epoch(run, epoch)
             improved = run.stopper.update(row[f"val_{opts.monitor}"], epoch)
+            # rank 0 decides: the ranks' figures can differ in the last bit, and a rank stopping alone hangs the rest
+            improved, stop = recipe.rank0_decides(procs, improved, run.stopper.should_stop)
             if procs.main:
                 _log_epoch(run, row, improved)
                 _save_epoch(run, row, improved)
-            if run.stopper.should_stop:
+            if stop:
                 log.info("early stop: no better val %s for %d epochs", opts.monitor, opts.early_stop)
                 break
         if procs.world > 1:
             dist.barrier()
+        if procs.main:  # calib (issue 14): fit the softmax temperature on the val split, stored in the checkpoint
+            calibrate.calibrate_checkpoint(opts.out, run.splits.root, run.splits.val, procs.device)
         return _result(run, time.monotonic() - t0)
     finally:
         procs.close()
@@ -106,7 +118,8 @@ def _prepare(opts: TrainOptions, procs: recipe.Processes) -> _Run:
     resume = ResumeState(resume_path_for(opts.resume)) if opts.resume else None
     known = resume.info["classes"] if resume else (list(init.classes) if init else None)
     splits = load_splits(opts.data, classes=known)  # fixed split seed: evaluate must see the same test set
-    spec = PreprocessSpec.from_dict(resume.info["spec"]) if resume else recipe.preprocess_spec(opts, init)
+    spec = PreprocessSpec.from_dict(resume.info["spec"]) if resume else recipe.preprocess_spec(opts, init, splits)
+    opts = dataclasses.replace(opts, image_size=spec.height, grayscale=spec.color == "gray")  # as recorded
     recipe.seed_all(opts.seed)
     net, arch_args = recipe.build_network(opts, splits.classes, spec, init)
     if resume:
@@ -115,26 +128,38 @@ def _prepare(opts: TrainOptions, procs: recipe.Processes) -> _Run:
     cuda = procs.device.type == "cuda"
     # channels_last on CPU too: the small CNN's training step is 4x faster on 2 cores
     model = TrainableModel(net, spec, channels_last=True).to(procs.device).to(memory_format=torch.channels_last)
+    transfer.set_batchnorm_frozen(net, opts.batchnorm_frozen())
     train_ds, val_ds = load_data(opts, splits, spec)
     weight = inverse_frequency_weights(train_ds.labels, len(splits.classes)).to(procs.device) \
         if opts.class_weights == "loss" else None
+    seed_gen = torch.Generator()
+    loaders = recipe.make_loaders(opts, train_ds, val_ds, procs, seed_gen)
     optimizer = recipe.make_optimizer(opts, net)
-    scheduler, scaler = recipe.make_scheduler(opts, optimizer), torch.amp.GradScaler("cuda", enabled=cuda)
+    scheduler = recipe.make_scheduler(opts, optimizer, len(loaders[1]))
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    ema = ModelEMA(net, opts.ema) if opts.ema else None
     if resume:
         resume.apply(optimizer, scheduler, scaler)
+        if ema is not None and resume.ema_state is not None:
+            ema.load_state_dict(resume.ema_state, resume.info.get("ema_updates", 0))
         log.info("resuming %s at epoch %d of %d", resume.path, resume.info["epoch"] + 1, opts.epochs)
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=opts.freeze_backbone) \
         if procs.world > 1 else model
-    seed_gen = torch.Generator()
-    loaders = recipe.make_loaders(opts, train_ds, val_ds, procs, seed_gen)
     if procs.main:
         log.info("training %s on %d images (%d val), %d classes, %s, %d process(es)", opts.arch, len(train_ds),
                  len(val_ds), len(splits.classes), procs.device, procs.world)
+        log.info("recipe: %dx%d %s, %s lr %.3g%s, weight decay %.3g, warm-up %d steps then %s, label smoothing "
+                 "%.2g, grad clip %s, EMA %s, BatchNorm %s, augmentation %s", spec.height, spec.width, spec.color,
+                 opts.optimizer, opts.resolved_lr(), f" (backbone x{opts.backbone_lr:g})" if opts.from_weights else "",
+                 opts.resolved_weight_decay(), recipe.warmup_steps(opts, len(loaders[1])), opts.scheduler,
+                 opts.label_smoothing, opts.grad_clip or "off", opts.ema or "off",
+                 "frozen" if opts.batchnorm_frozen() else "trained", opts.augment)
+    eval_model = TrainableModel(ema.module, spec, channels_last=True) if ema is not None else model
     return _Run(opts, procs, splits, spec, net, arch_args, model, ddp,
                 nn.CrossEntropyLoss(weight=weight, label_smoothing=opts.label_smoothing), optimizer, scheduler,
                 scaler, EarlyStopping(opts.early_stop, resume.info["early_stop"] if resume else None),
                 list(resume.info["history"]) if resume else [], resume.info["epoch"] if resume else 0,
-                loaders, seed_gen, torch.float16 if cuda else None, opts.model_name())
+                loaders, seed_gen, torch.float16 if cuda else None, opts.model_name(), ema, eval_model)
 
 
 def _run_epoch(run: _Run, epoch: int) -> dict:
@@ -147,16 +172,14 @@ def _run_epoch(run: _Run, epoch: int) -> dict:
     run.seed_gen.manual_seed(recipe.epoch_seed(opts.seed, epoch))
     sampler, train_loader, val_loader = run.loaders
     sampler.set_epoch(epoch)
-    lr = run.optimizer.param_groups[0]["lr"]
+    lr = max(g["lr"] for g in run.optimizer.param_groups)  # the head's, at the epoch's start
     with EpochBar(procs.main and opts.progress, epoch, opts.epochs, len(train_loader)) as bar:
         sums = train_one_epoch(run.ddp, train_loader, run.criterion, run.optimizer, procs.device, run.scaler,
-                               run.amp_dtype, bar)
+                               run.amp_dtype, bar, scheduler=run.scheduler, grad_clip=opts.grad_clip, ema=run.ema)
     if procs.world > 1:
         dist.all_reduce(sums)
     sums = sums.cpu()
-    val = evaluate(run.model, val_loader, procs.device, run.splits.classes, run.criterion, run.amp_dtype)
-    if run.scheduler is not None:
-        run.scheduler.step()
+    val = evaluate(run.eval_model, val_loader, procs.device, run.splits.classes, run.criterion, run.amp_dtype)
     row = {"epoch": epoch + 1, "lr": lr, "train_loss": sums[0].item() / sums[2].item(),
            "train_accuracy": sums[1].item() / sums[2].item(), "val_loss": val["loss"],
            "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
@@ -173,7 +196,7 @@ def _log_epoch(run: _Run, row: dict, improved: bool) -> None:
 
 def _save_epoch(run: _Run, row: dict, improved: bool) -> None:
     """Best and last checkpoints, the resume file and the history; rank 0 only."""
-    opts, state = run.opts, run.net.state_dict()
+    opts, state = run.opts, run.saved_state()
     meta = recipe.checkpoint_meta(opts, run.splits, row, row["epoch"], run.stopper.best_epoch + 1)
     kw = dict(arch=opts.arch, classes=run.splits.classes, spec=run.spec, arch_args=run.arch_args,
               name=run.name, state_dict=state, meta=meta)
@@ -182,10 +205,12 @@ def _save_epoch(run: _Run, row: dict, improved: bool) -> None:
     save_checkpoint(recipe.last_path_for(opts.out), **kw)
     info = {"epoch": row["epoch"], "history": run.history, "early_stop": run.stopper.state(),
             "classes": run.splits.classes, "spec": run.spec.to_dict(), "arch": opts.arch,
-            "arch_args": run.arch_args, "dataset_hash": run.splits.hash, "options": opts.to_json()}
+            "arch_args": run.arch_args, "dataset_hash": run.splits.hash, "options": opts.to_json(),
+            "ema_updates": run.ema.updates if run.ema is not None else 0}
     run_dir = recipe.run_dir_for(opts.out)
-    save_resume(run_dir / RESUME_NAME, model_state=state, optimizer=run.optimizer, scheduler=run.scheduler,
-                scaler=run.scaler, info=info)
+    save_resume(run_dir / RESUME_NAME, model_state=run.net.state_dict(), optimizer=run.optimizer,
+                scheduler=run.scheduler, scaler=run.scaler, info=info,
+                ema_state=run.ema.state_dict() if run.ema is not None else None)
     recipe.write_history(run_dir, run.history)
 
 

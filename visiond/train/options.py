@@ -22,7 +22,9 @@ from visiond.train.data import CLASS_WEIGHTS
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "step", "none")
 MONITORS = ("macro_f1", "accuracy")
-BASELINES = ("knn",)
+BATCHNORM = ("auto", "train", "freeze")
+SMALL_BATCH = 16  # below this many images per process, batch statistics of pretrained BatchNorm are too noisy
+BASELINES = ("knn", "svm")
 _MODEL_NAME = re.compile(NAME_PATTERN)
 
 
@@ -35,16 +37,22 @@ class TrainOptions:
     arch: str = "smallcnn"
     epochs: int = 10
     batch_size: int = 32
-    image_size: int = 64
-    grayscale: bool = False
+    image_size: int | None = None        # default: the weights' (224), the --init-from model's, else 64
+                                         # (or the images' own size, rounded up to 8, when they are smaller)
+    grayscale: bool | None = None        # default: grey when the training images are stored grey
     weights: Path | None = None          # torchvision ImageNet state dict file
     freeze_backbone: bool = False
     unfreeze_after: int = 0              # with freeze_backbone: epochs frozen (0 = frozen throughout)
-    lr: float | None = None              # default: 1e-3 adamw, 1e-2 sgd
-    weight_decay: float = 1e-4
+    lr: float | None = None              # default: adamw 2e-3 (1e-3 from weights), sgd 10x
+    weight_decay: float | None = None    # default: 0.05 adamw, 5e-4 sgd (never on biases and norm scales)
     optimizer: str = "adamw"
-    scheduler: str = "cosine"
-    label_smoothing: float = 0.0
+    scheduler: str = "cosine"            # per step, after the warm-up
+    warmup_epochs: float = 1.0           # linear warm-up, at most a fifth of the run
+    backbone_lr: float = 0.1             # from weights: the pretrained layers' lr, as a fraction of the head's
+    grad_clip: float = 1.0               # max global gradient norm (0 = off)
+    ema: float = 0.999                   # decay of the weights' moving average used to validate and save (0 = off)
+    batchnorm: str = "auto"              # auto (frozen from weights below 16 images a batch) | train | freeze
+    label_smoothing: float = 0.1
     class_weights: str = "none"          # none | loss (inverse frequency) | balanced (sampler)
     early_stop: int = 0                  # patience in epochs, 0 = off
     monitor: str = "macro_f1"
@@ -57,6 +65,9 @@ class TrainOptions:
     defect_classes: tuple[str, ...] = ()
     knn_k: int = 5
     knn_max_train: int = 10000
+    svm_kernel: str = "rbf"              # --arch svm: rbf (libsvm SVC) or linear (liblinear LinearSVC)
+    svm_c: float = 10.0                  # --arch svm: the SVM's C (less = wider margin, more regularised)
+    svm_max_train: int = 10000           # --arch svm: training images kept (a stratified subset), bounds fit time
     progress: bool = True
     name: str | None = None              # the model line's name; default: the init model's, else the dataset's
     extra_meta: dict = field(default_factory=dict)
@@ -73,7 +84,8 @@ class TrainOptions:
         choices = {"arch": (self.arch, tuple(dict.fromkeys(ARCHITECTURES + BASELINES))),
                    "optimizer": (self.optimizer, OPTIMIZERS),
                    "scheduler": (self.scheduler, SCHEDULERS), "class-weights": (self.class_weights, CLASS_WEIGHTS),
-                   "monitor": (self.monitor, MONITORS), "augment": (self.augment, tuple(PRESETS))}
+                   "monitor": (self.monitor, MONITORS), "augment": (self.augment, tuple(PRESETS)),
+                   "batchnorm": (self.batchnorm, BATCHNORM)}
         for opt, (value, valid) in choices.items():
             if value not in valid:
                 raise UserError(f"--{opt} {value!r}: expected one of {', '.join(valid)}")
@@ -82,13 +94,20 @@ class TrainOptions:
                             "in visiond.models.arch, so its checkpoint cannot be saved")
         checks = [(self.epochs >= 1, f"--epochs {self.epochs}: expected >= 1"),
                   (self.batch_size >= 1, f"--batch-size {self.batch_size}: expected >= 1"),
-                  (8 <= self.image_size <= 4096, f"--image-size {self.image_size}: expected 8..4096"),
-                  (self.arch in ("smallcnn", *BASELINES) or self.image_size >= 32,
+                  (self.image_size is None or 8 <= self.image_size <= 4096,
+                   f"--image-size {self.image_size}: expected 8..4096"),
+                  (self.arch in ("smallcnn", *BASELINES) or self.image_size is None or self.image_size >= 32,
                    f"--image-size {self.image_size}: {self.arch} needs at least 32 pixels"),
                   (self.lr is None or self.lr > 0, f"--lr {self.lr}: expected > 0"),
+                  (self.weight_decay is None or self.weight_decay >= 0,
+                   f"--weight-decay {self.weight_decay}: expected >= 0"),
+                  (0 <= self.warmup_epochs <= self.epochs, f"--warmup-epochs {self.warmup_epochs}: expected 0..epochs"),
+                  (0 < self.backbone_lr <= 1, f"--backbone-lr {self.backbone_lr}: expected a fraction 0..1 of --lr"),
+                  (self.grad_clip >= 0, f"--grad-clip {self.grad_clip}: expected >= 0 (0 = off)"),
+                  (0 <= self.ema < 1, f"--ema {self.ema}: expected a decay 0..1 (0 = off), e.g. 0.999"),
                   (0 <= self.label_smoothing < 1, f"--label-smoothing {self.label_smoothing}: expected 0..1"),
                   (self.early_stop >= 0, f"--early-stop {self.early_stop}: expected >= 0 epochs"),
-                  (self.weights is None or self.arch != "smallcnn" and self.arch not in BASELINES,
+                  (self.weights is None or self.arch not in ("smallcnn", "knn"),
                    f"--weights needs a torchvision architecture, not {self.arch!r} "
                    "(use --init-from for a visiond checkpoint)"),
                   (self.weights is None or self.init_from is None, "--weights and --init-from exclude each other"),
@@ -118,6 +137,28 @@ class TrainOptions:
         stem = root.name if root.is_dir() else root.stem
         cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-._")[:64]
         return cleaned or "model"
+
+    @property
+    def from_weights(self) -> bool:
+        """Starts from trained weights (ImageNet or a visiond checkpoint): the fine-tuning recipe applies."""
+        return self.weights is not None or self.init_from is not None
+
+    def resolved_lr(self) -> float:
+        """The head's learning rate: AdamW 2e-3 from scratch, 1e-3 from weights; SGD ten times that."""
+        if self.lr:
+            return self.lr
+        return (1e-3 if self.from_weights else 2e-3) * (1 if self.optimizer == "adamw" else 10)
+
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 0.05 if self.optimizer == "adamw" else 5e-4
+
+    def batchnorm_frozen(self) -> bool:
+        """BatchNorm layers keep their running statistics (eval mode) while the rest trains."""
+        if self.batchnorm == "auto":
+            return self.from_weights and self.batch_size < SMALL_BATCH
+        return self.batchnorm == "freeze"
 
     def to_json(self) -> dict:
         d = asdict(self)

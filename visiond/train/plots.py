@@ -72,3 +72,37 @@ def pr_curve_png(label: str, precision, recall, point: dict, target_recall: floa
     ax.set_title(f"{label}: precision-recall")
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def reliability_png(panels: list[tuple[str, dict, float]], path: Path) -> Path:
+    """Reliability diagrams side by side (e.g. before and after temperature scaling).
+
+    Each panel is (title, `calibrate.reliability_bins` result, ECE): bars are the accuracy per
+    confidence bin, the diagonal is perfect calibration, red is the gap, and the strip below
+    counts the images per bin.
+    """
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels), 5.4), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    for col, (title, r, ece) in enumerate(panels):
+        edges = np.asarray(r["edges"])
+        width, left = np.diff(edges), edges[:-1]
+        acc = np.array([np.nan if a is None else a for a in r["accuracy"]])
+        conf = np.array([np.nan if c is None else c for c in r["confidence"]])
+        top, bottom = axes[0][col], axes[1][col]
+        top.bar(left, np.nan_to_num(acc), width, align="edge", edgecolor="black", lw=0.5, label="accuracy")
+        gap = np.where(np.isnan(acc), 0, conf - acc)
+        top.bar(left, gap, width, bottom=np.nan_to_num(acc), align="edge", color="red", alpha=0.3,
+                edgecolor="red", lw=0.5, label="gap to confidence")
+        top.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
+        top.set_xlim(0, 1)
+        top.set_ylim(0, 1)
+        top.set_ylabel("accuracy")
+        top.set_title(f"{title}: ECE {ece:.4f}")
+        top.grid(alpha=0.3)
+        top.legend(loc="upper left", fontsize=8)
+        bottom.bar(left, r["count"], width, align="edge", color="grey", edgecolor="black", lw=0.5)
+        bottom.set_yscale("symlog")
+        bottom.set_xlabel("confidence (top-label score)")
+        bottom.set_ylabel("images")
+        bottom.grid(alpha=0.3)
+    return _save(fig, path)

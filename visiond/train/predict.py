@@ -1,7 +1,8 @@
 """`visiond predict`: classify image files with the daemon's runtime, so prediction == serving.
 
 Each image is decoded like a dataset image (OpenCV, IMREAD_UNCHANGED), resized by the
-checkpoint's spec with the daemon's `resize_uint8`, and classified by `TorchClassifier`.
+checkpoint's spec with the daemon's `resize_uint8`, and classified by `TorchClassifier`
+(with the checkpoint's temperature, and `tta` as the daemon's `model.tta` does it).
 An unreadable file becomes a row with an error, never a crash.
 """
 
@@ -13,8 +14,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from visiond.data.augment import PRESETS
 from visiond.errors import UserError
+from visiond.models.checkpoint import load_checkpoint
 from visiond.models.runtime import TorchClassifier
+from visiond.models.tta import TTA_MODES, with_tta
 from visiond.preprocess import resize_uint8
 from visiond.video import image_file_problem, is_image_path
 
@@ -53,9 +57,12 @@ def load_resized(path: Path, spec) -> np.ndarray | str:
 
 
 def predict_paths(checkpoint: str | Path, patterns: list[str], *, top_k: int = 3, device: str = "cpu",
-                  batch_size: int = 32) -> list[dict]:
+                  batch_size: int = 32, tta: str = "none") -> list[dict]:
     """One dict per file: path, label, score, top [{label, score}] — or path and error."""
-    clf = TorchClassifier.from_file(checkpoint, device=device, precision="fp32", threads=0)
+    if tta not in TTA_MODES:
+        raise UserError(f"--tta {tta!r}: expected one of {', '.join(TTA_MODES)}")
+    ckpt = load_checkpoint(checkpoint)
+    clf = with_tta(TorchClassifier(ckpt, device=device, precision="fp32", threads=0), tta, ckpt, PRESETS)
     k = max(1, min(top_k, len(clf.classes)))
     results: list[dict] = []
     paths = expand_paths(patterns)

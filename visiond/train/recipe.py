@@ -18,12 +18,12 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from visiond.errors import UserError
-from visiond.models.arch import build_model
+from visiond.models.arch import PRETRAINED_INPUT_SIZE, SMALLCNN_VERSION, build_model
 from visiond.models.checkpoint import Checkpoint
 from visiond.models.runtime import resolve_device
 from visiond.preprocess import PreprocessSpec
 from visiond.train import transfer
-from visiond.train.data import BalancedSampler, DataSplits
+from visiond.train.data import BalancedSampler, DataSplits, stored_image_shape
 from visiond.train.membership import META_KEY
 from visiond.train.options import TrainOptions
 
@@ -43,6 +43,18 @@ class Processes:
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def rank0_decides(procs: Processes, *flags: bool) -> tuple[bool, ...]:
+    """Rank 0's flags on every rank (a broadcast): decisions taken from validation figures, such as
+    early stopping, must be the same everywhere, or a rank that stops leaves the others waiting in
+    an all-reduce forever. Every rank validates on its own and figures can differ in the last bit."""
+    if procs.world <= 1:
+        return tuple(bool(f) for f in flags)
+    device = procs.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=device)
+    dist.broadcast(t, src=0)
+    return tuple(bool(v) for v in t.tolist())
 
 
 def init_processes(requested_device: str) -> Processes:
@@ -71,12 +83,31 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     return seed * 100_003 + epoch * 1009 + rank
 
 
-def preprocess_spec(opts: TrainOptions, init: Checkpoint | None) -> PreprocessSpec:
-    """The spec that goes into the checkpoint: the fine-tuned model's, else from the options."""
+def preprocess_spec(opts: TrainOptions, init: Checkpoint | None, splits: DataSplits | None = None
+                    ) -> PreprocessSpec:
+    """The spec that goes into the checkpoint: the fine-tuned model's, else from the options, where
+    the size and colour not given follow the weights and the data (`default_image_size`, `default_gray`)."""
     if init is not None:
         return init.spec
-    return PreprocessSpec.for_color(opts.image_size, "gray" if opts.grayscale else "rgb",
-                                    imagenet=opts.weights is not None)
+    shape = stored_image_shape(splits.root, splits.train) if splits is not None and splits.train else None
+    size = opts.image_size or default_image_size(opts, shape)
+    gray = opts.grayscale if opts.grayscale is not None else (shape is not None and shape[2] == 1)
+    return PreprocessSpec.for_color(size, "gray" if gray else "rgb", imagenet=opts.weights is not None)
+
+
+DEFAULT_IMAGE_SIZE = 64
+
+
+def default_image_size(opts: TrainOptions, shape: tuple[int, int, int] | None) -> int:
+    """The size the weights were trained at (224 for the torchvision families); from scratch 64, or the
+    stored images' own size rounded up to a multiple of 8 when smaller: upscaling adds no detail, only
+    cost (Fashion-MNIST's 28 px: 32, a quarter of the work of 64)."""
+    if opts.weights is not None:
+        return PRETRAINED_INPUT_SIZE.get(opts.arch, 224)
+    if shape is None:
+        return DEFAULT_IMAGE_SIZE
+    side = -(-max(shape[0], shape[1]) // 8) * 8
+    return max(8 if opts.arch == "smallcnn" else 32, min(DEFAULT_IMAGE_SIZE, side))
 
 
 def build_network(opts: TrainOptions, classes: list[str], spec: PreprocessSpec, init: Checkpoint | None):
@@ -88,27 +119,63 @@ def build_network(opts: TrainOptions, classes: list[str], spec: PreprocessSpec, 
         transfer.load_from_checkpoint(net, init, classes)
         return net, dict(init.arch_args)
     arch_args = {"in_channels": spec.channels, "image_size": spec.height}
+    if opts.arch == "smallcnn":
+        arch_args["version"] = SMALLCNN_VERSION
     net = build_model(opts.arch, len(classes), **arch_args)
     if opts.weights is not None:
-        transfer.load_imagenet_weights(net, opts.weights, opts.arch)
+        transfer.load_imagenet_weights(net, opts.weights, opts.arch, spec)
     return net, arch_args
 
 
+def param_groups(opts: TrainOptions, net: nn.Module) -> list[dict]:
+    """Parameter groups, named: from weights the pretrained layers ("backbone") learn at `backbone_lr`
+    times the head's rate, so the new head moves fast while the features it reads move little; from
+    scratch every layer is "head". Biases and norm scales (1-d tensors) take no weight decay.
+    All parameters, frozen or not: unfreezing later needs no new optimizer (frozen ones get no grad)."""
+    lr, wd = opts.resolved_lr(), opts.resolved_weight_decay()
+    head = transfer.head_name(net) + "."
+    groups: dict[tuple[str, bool], list] = {}
+    for name, p in net.named_parameters():
+        part = "backbone" if opts.from_weights and not name.startswith(head) else "head"
+        groups.setdefault((part, p.ndim > 1), []).append(p)
+    scale = {"backbone": opts.backbone_lr, "head": 1.0}
+    return [{"name": f"{part}" + ("" if decay else "/no_decay"), "params": params, "lr": lr * scale[part],
+             "weight_decay": wd if decay else 0.0}
+            for (part, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0] != "backbone", not kv[0][1]))]
+
+
 def make_optimizer(opts: TrainOptions, net: nn.Module) -> torch.optim.Optimizer:
-    """All parameters, frozen or not: unfreezing later needs no new optimizer (frozen ones get no grad)."""
-    params = list(net.parameters())
+    groups = param_groups(opts, net)
     if opts.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=opts.lr or 1e-2, momentum=0.9, weight_decay=opts.weight_decay, nesterov=True)
-    return torch.optim.AdamW(params, lr=opts.lr or 1e-3, weight_decay=opts.weight_decay)
+        return torch.optim.SGD(groups, lr=opts.resolved_lr(), momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=opts.resolved_lr())
 
 
-def make_scheduler(opts: TrainOptions, optimizer):
-    """Stepped once per epoch."""
-    if opts.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=opts.epochs)
-    if opts.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, math.ceil(opts.epochs / 3)), gamma=0.1)
-    return None
+def warmup_steps(opts: TrainOptions, steps_per_epoch: int) -> int:
+    """`warmup_epochs` of steps, at most a fifth of the run."""
+    total = opts.epochs * steps_per_epoch
+    return min(round(opts.warmup_epochs * steps_per_epoch), total // 5)
+
+
+def lr_factor(step: int, *, total: int, warmup: int, kind: str, epochs: int, steps_per_epoch: int) -> float:
+    """The learning rate at optimizer step `step` as a fraction of the base: linear warm-up to 1, then
+    cosine to 0 at the last step (`cosine`), a tenth every third of the run (`step`), or flat (`none`)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind == "step":
+        return 0.1 ** ((step // max(1, steps_per_epoch)) // max(1, math.ceil(epochs / 3)))
+    return 1.0
+
+
+def make_scheduler(opts: TrainOptions, optimizer, steps_per_epoch: int):
+    """Stepped after every optimizer step (so warm-up and cosine are smooth even over few epochs)."""
+    spe = max(1, steps_per_epoch)
+    shape = dict(total=opts.epochs * spe, warmup=warmup_steps(opts, spe), kind=opts.scheduler,
+                 epochs=opts.epochs, steps_per_epoch=spe)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, **shape))
 
 
 def make_loaders(opts: TrainOptions, train_ds, val_ds, procs: Processes, seed_gen: torch.Generator):

@@ -67,9 +67,12 @@ def restore_rng(js: dict, tensors: dict) -> None:
     random.setstate((js["python_version"], tuple(js["python"]), None))
 
 
-def save_resume(path: Path, *, model_state: dict, optimizer, scheduler, scaler, info: dict) -> None:
-    """Write atomically; `info` is JSON (epoch, history, early stopping, identity of the run)."""
+def save_resume(path: Path, *, model_state: dict, optimizer, scheduler, scaler, info: dict,
+                ema_state: dict | None = None) -> None:
+    """Write atomically; `info` is JSON (epoch, history, early stopping, identity of the run);
+    `ema_state` is the moving average of the weights, when the run keeps one."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
+    tensors |= {f"ema.{k}": v.detach().cpu().contiguous() for k, v in (ema_state or {}).items()}
     opt = _optimizer_to_flat(optimizer.state_dict(), tensors)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     rng = capture_rng(tensors)
@@ -103,9 +106,15 @@ class ResumeState:
         self.path, self.js, self.tensors = path, js, tensors
         self.info: dict = js["info"]
         self.model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.ema_state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")} or None
 
     def apply(self, optimizer, scheduler, scaler) -> None:
-        optimizer.load_state_dict(_optimizer_from_flat(self.js["optimizer"], self.tensors))
+        state = _optimizer_from_flat(self.js["optimizer"], self.tensors)
+        if len(state["param_groups"]) != len(optimizer.param_groups):
+            raise UserError(f"--resume {self.path}: its optimizer has {len(state['param_groups'])} parameter "
+                            f"group(s), this run's {len(optimizer.param_groups)} (a run from an older visiond, or "
+                            "other --weights/--init-from); start a new run instead")
+        optimizer.load_state_dict(state)
         if scheduler is not None and self.js["scheduler"] is not None:
             scheduler.load_state_dict(self.js["scheduler"])
         if scaler is not None and self.js["scaler"] is not None:

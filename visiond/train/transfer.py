@@ -16,6 +16,7 @@ from torch import nn
 
 from visiond.errors import UserError
 from visiond.models.checkpoint import Checkpoint
+from visiond.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,51 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"--weights {path}: unreadable safetensors file ({exc})") from None
 
 
-def load_imagenet_weights(model: nn.Module, path: Path, arch: str) -> None:
-    """Copy every matching tensor; the head stays new, a grey first conv gets the RGB sum."""
+def fold_rgb_conv(weight: torch.Tensor, gray_mean: float = 0.5, gray_std: float = 0.5,
+                  rgb_mean=IMAGENET_MEAN, rgb_std=IMAGENET_STD) -> tuple[torch.Tensor, torch.Tensor]:
+    """An RGB first convolution (out x 3 x k x k) as a grey one (out x 1 x k x k) plus a per-output offset.
+
+    A grey image tripled into RGB and normalised per channel, (x - m_c) / s_c, equals the grey
+    normalisation g = (x - m) / s as (s / s_c) g + (m - m_c) / s_c. So the grey filter is
+    sum_c W_c s / s_c (the sum over colour, each channel rescaled by its std), and the
+    constant part, sum over c and taps of W_c (m - m_c) / s_c, is an offset per output channel:
+    the result equals the tripled input's everywhere but at the padded border, at a third of the
+    first layer's cost and memory.
+    """
+    scale = torch.tensor([gray_std / s for s in rgb_std], dtype=weight.dtype).view(1, 3, 1, 1)
+    shift = torch.tensor([(gray_mean - m) / s for m, s in zip(rgb_mean, rgb_std)], dtype=weight.dtype)
+    folded = (weight * scale).sum(dim=1, keepdim=True)
+    offset = (weight.sum(dim=(2, 3)) * shift).sum(dim=1)
+    return folded, offset
+
+
+def _absorb_offset(model: nn.Module, dst: dict, conv_key: str, offset: torch.Tensor) -> None:
+    """Add the folded convolution's constant where it costs nothing: its bias if it has one, else the
+    running mean of the BatchNorm right after it (in training, batch statistics cancel it anyway)."""
+    prefix = conv_key.rsplit(".", 1)[0]
+    if prefix + ".bias" in dst:
+        dst[prefix + ".bias"] = dst[prefix + ".bias"] + offset
+        return
+    names = [n for n, _ in model.named_modules()]
+    after = names[names.index(prefix) + 1:] if prefix in names else []
+    for name in after:
+        m = model.get_submodule(name)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_features == offset.numel():
+            dst[name + ".running_mean"] = dst[name + ".running_mean"] - offset
+            return
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            break
+    log.warning("%s: no bias or BatchNorm follows the folded first convolution; its constant is dropped", prefix)
+
+
+def load_imagenet_weights(model: nn.Module, path: Path, arch: str, spec: PreprocessSpec | None = None) -> None:
+    """Copy every matching tensor; the head stays new; a grey first conv gets the RGB filters folded
+    (`fold_rgb_conv`) instead of the image being tripled."""
     src = read_state_dict(path)
     dst = model.state_dict()
     head = head_name(model) + "."
-    loaded, unexpected = 0, []
+    gray = (spec.mean[0], spec.std[0]) if spec is not None and spec.channels == 1 else (0.5, 0.5)
+    loaded, unexpected, folded = 0, [], None
     for key, value in src.items():
         if key not in dst:
             unexpected.append(key)
@@ -77,7 +117,8 @@ def load_imagenet_weights(model: nn.Module, path: Path, arch: str) -> None:
             dst[key] = value.to(dst[key].dtype)
             loaded += 1
         elif value.ndim == 4 and dst[key].ndim == 4 and dst[key].shape[1] == 1 and value.shape[1] == 3:
-            dst[key] = value.sum(dim=1, keepdim=True).to(dst[key].dtype)  # RGB filters seen by a grey image
+            weight, offset = fold_rgb_conv(value.float(), *gray)  # RGB filters seen by a grey image
+            dst[key], folded = weight.to(dst[key].dtype), (key, offset)
             loaded += 1
         elif not key.startswith(head):
             unexpected.append(f"{key} {tuple(value.shape)} vs {tuple(dst[key].shape)}")
@@ -86,6 +127,9 @@ def load_imagenet_weights(model: nn.Module, path: Path, arch: str) -> None:
         raise UserError(f"--weights {path} does not fit --arch {arch}: {len(missing)} tensors missing "
                         f"(e.g. {missing[:2]}), {len(unexpected)} unexpected or misshapen (e.g. {unexpected[:2]}); "
                         f"expected the torchvision ImageNet state dict of {arch}")
+    if folded is not None:
+        _absorb_offset(model, dst, *folded)
+        log.info("grey input: the RGB filters of %s are folded into one channel", folded[0])
     model.load_state_dict(dst)
     log.info("loaded %d tensors from %s; new head %s for this dataset", loaded, path, head.rstrip("."))
 
@@ -125,8 +169,20 @@ def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
     model._visiond_frozen = frozen  # read by `frozen_batchnorm_eval` after model.train()
 
 
+def set_batchnorm_frozen(model: nn.Module, frozen: bool) -> None:
+    """Every BatchNorm layer keeps its running statistics while training (its scale and shift still
+    learn): batches of a few images give statistics too noisy to replace ImageNet's."""
+    model._visiond_bn_frozen = frozen  # read by `frozen_batchnorm_eval` after model.train()
+
+
 def frozen_batchnorm_eval(model: nn.Module) -> None:
-    """model.train() turns BatchNorm back on; a frozen backbone keeps its ImageNet statistics."""
+    """model.train() turns BatchNorm back on; a frozen backbone keeps its ImageNet statistics, and so
+    does every BatchNorm layer when `set_batchnorm_frozen` said so."""
+    if getattr(model, "_visiond_bn_frozen", False):
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return
     if getattr(model, "_visiond_frozen", False):
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):

@@ -6,12 +6,13 @@ frame, and when); line-buffered appends, rotated by size.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 from pathlib import Path
 from typing import Sequence
+
+import orjson
 
 from visiond.frames import Prediction
 from visiond.timefmt import rfc3339
@@ -28,7 +29,7 @@ class JsonlSink:
         self._f = open(self.path, "a", buffering=1, encoding="utf-8")
 
     def submit(self, predictions: Sequence[Prediction]) -> None:
-        lines = "".join(json.dumps(self._record(p), separators=(",", ":")) + "\n" for p in predictions)
+        lines = b"".join(orjson.dumps(self._record(p), option=orjson.OPT_APPEND_NEWLINE) for p in predictions).decode()
         with self._lock:
             self._f.write(lines)
             if self._f.seekable() and self._f.tell() > self._max:  # a pipe (a log shipper) is never rotated

@@ -6,9 +6,13 @@ broker outage or a restart loses nothing below the spool bound. Delivery is
 at-least-once: a resend after a reconnect carries the same seq and id.
 
 One thread owns the paho client and runs its own select() loop over the client
-socket and a wakeup socketpair, so `submit` (inference thread) only writes the
-spool and pokes the socketpair: a prediction leaves within microseconds, and
-no other thread ever touches the network or paho.
+socket and a wakeup socketpair, so `submit` (inference thread) only hands the
+batch to the spool writer: a prediction leaves within microseconds, and no
+other thread ever touches the network or paho. Once a batch is committed the
+writer hands the stored messages to this thread in memory; the spool is read
+back only when that stream has a gap (after a reconnect, a restart, a denial
+or an eviction), and acknowledged messages leave the spool in the writer's
+next transaction, so in steady state this thread never waits on the disk.
 
 Retained state (`status` with its last will, `status/detail`, `<camera>/status`)
 is kept here and re-published after every reconnect; topics and payloads are
@@ -17,6 +21,7 @@ built in `payloads.py`.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -59,6 +64,9 @@ _RECONNECT_MAX_S = 5.0  # a returning broker is reached within ~5 s; jitter keep
 _STABLE_CONNECTION_S = 10.0  # a connection that lasted this long resets the reconnect backoff
 _OFFLINE_ACK_S = 2.0  # at stop, how long the retained `offline` may wait for its ack
 _MAX_PEEK = 512
+_FRESH_MAX = 8192  # committed messages handed over in memory; beyond, the spool is read back instead
+_ACK_FLUSH_N = 512  # acknowledged seqs are deleted in groups: this many, or
+_ACK_FLUSH_S = 0.05  # this long after the first of them
 
 
 # ---------------------------------------------------------------- requests
@@ -133,7 +141,8 @@ class MqttSink:
         self._wake_w.setblocking(False)
         self._client = self._make_client()
         self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
-        self._writer = SpoolWriter(spool, on_written=self._wake, on_failed=self._count_failed.inc)
+        self._writer = SpoolWriter(spool, on_written=self._written, on_failed=self._count_failed.inc)
+        self._fresh: collections.deque[SpooledMessage] = collections.deque()  # committed, in seq order
         self._stop_deadline: float | None = None
         self._error: BaseException | None = None
         self._connected = False
@@ -143,6 +152,7 @@ class MqttSink:
         self._inflight_seqs: set[int] = set()
         self._status_mids: dict[int, str] = {}  # mid -> retained topic
         self._acked: list[int] = []  # delivered, not yet deleted (deleted in batches)
+        self._acked_since = 0.0  # monotonic time of the oldest seq in _acked
         self._cursor = 0  # highest seq handed to paho on this connection
         self._window = cfg.max_inflight
         self._rewind_at: float | None = None  # when denied messages get their retry
@@ -313,6 +323,16 @@ class MqttSink:
             self._dirty.add(topic)
         self._wake()
 
+    def _written(self, messages: list[SpooledMessage], evicted: int) -> None:
+        """The writer committed `messages` (seq order): hand them to the MQTT thread in memory, unless the bound
+        evicted rows (then what is in memory may be gone from the spool: the spool is read back instead)."""
+        fresh = self._fresh
+        if evicted:
+            fresh.clear()
+        elif self._connected and len(fresh) + len(messages) <= _FRESH_MAX:
+            fresh.extend(messages)
+        self._wake()
+
     def _wake(self) -> None:
         try:
             self._wake_w.send(b"\0")
@@ -392,6 +412,8 @@ class MqttSink:
         timeout = min(1.0, self._cfg.keepalive_s / 4)
         if self._rewind_at is not None:
             timeout = min(timeout, max(0.01, self._rewind_at - time.monotonic()))
+        if self._acked:
+            timeout = min(timeout, max(0.001, self._acked_since + _ACK_FLUSH_S - time.monotonic()))
         if self._stop_deadline is not None:
             timeout = min(timeout, 0.05)  # stopping: check drain, deadline and the offline ack often
         return timeout
@@ -435,7 +457,10 @@ class MqttSink:
         self._inflight.clear()
         self._inflight_seqs.clear()
         self._status_mids.clear()
-        self._flush_acked()
+        self._fresh.clear()  # resent from the spool, from the start
+        self._flush_acked(force=True)
+        if self._writer.alive():
+            self._writer.flush(1.0)  # delivered rows gone before the spool is read again: no needless resend
         self._spool.release()  # nothing is in flight any more: all rows are evictable again
         self._cursor = 0
         self._offline_mid = None
@@ -489,7 +514,7 @@ class MqttSink:
     # ------------------------------------------------------------ delivery
 
     def _pump(self) -> None:
-        self._flush_acked()
+        self._flush_acked(force=self._stop_deadline is not None)
         if self._setup_pending:
             self._setup_session()
         if self._dirty:
@@ -499,12 +524,19 @@ class MqttSink:
             self._cursor = 0  # re-offer what was denied; in-flight ones are skipped
         self._fill_window()
 
-    def _flush_acked(self) -> None:
-        if self._acked:
-            self._spool.delete(self._acked)
-            self._acked = []
-            if self._spool.count() == 0:
-                self._deny_delay = _BACKOFF_MIN_S
+    def _flush_acked(self, force: bool = False) -> None:
+        """Delete what the broker acknowledged, in groups: with the spool writer's next transaction while it
+        runs (this thread never waits on the disk), directly once it has stopped."""
+        acked = self._acked
+        if not acked:
+            return
+        if not force and len(acked) < _ACK_FLUSH_N and time.monotonic() - self._acked_since < _ACK_FLUSH_S:
+            return
+        self._acked = []
+        if not self._writer.delete(acked):
+            self._spool.delete(acked)
+        if self._spool.count() == 0:
+            self._deny_delay = _BACKOFF_MIN_S
 
     def _publish_retained(self) -> None:
         with self._lock:
@@ -522,8 +554,24 @@ class MqttSink:
             self._status_mids[info.mid] = topic
 
     def _fill_window(self) -> None:
-        """Hand spooled messages to paho in seq order while the in-flight window has room."""
+        """Hand spooled messages to paho in seq order while the in-flight window has room: from memory while what
+        the writer handed over follows the cursor without a gap, else read back from the spool."""
         free = self._window - len(self._inflight) - len(self._status_mids)
+        fresh = self._fresh
+        while free > 0 and fresh:
+            msg = fresh[0]
+            if msg.seq <= self._cursor:  # already sent from the spool
+                fresh.popleft()
+                continue
+            if msg.seq != self._cursor + 1:
+                break  # a gap: the spool has what comes first
+            fresh.popleft()
+            self._cursor = msg.seq
+            if msg.seq in self._inflight_seqs:
+                continue
+            if not self._send(msg):
+                return
+            free -= 1
         while free > 0 and self._cursor < self._spool.last_seq:
             last = self._spool.last_seq  # read before peek: rows up to it are committed
             batch = self._spool.peek(self._cursor, min(free + len(self._inflight_seqs), _MAX_PEEK))
@@ -584,6 +632,8 @@ class MqttSink:
             self._delivered(msg)
 
     def _delivered(self, msg: SpooledMessage) -> None:
+        if not self._acked:
+            self._acked_since = time.monotonic()
         self._acked.append(msg.seq)  # still held (see _send) until _flush_acked deletes it
         self._count_acked.inc()
         if not msg.topic.endswith("/prediction"):
@@ -659,7 +709,7 @@ class MqttSink:
         while client.socket() is not None and client.want_write() and time.monotonic() < end:
             select.select([], [client.socket()], [], 0.1)
             client.loop_write()
-        self._flush_acked()
+        self._flush_acked(force=True)
         log.info("disconnected from broker %s", self._where)
 
     def _update_gauges(self, now: float) -> None:

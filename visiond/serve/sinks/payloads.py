@@ -9,8 +9,10 @@ contract can be read, and tested, without a broker.
 from __future__ import annotations
 
 import json
-import uuid
+import os
 from typing import Any, Mapping
+
+import orjson
 
 from visiond.config import RESERVED_CAMERA_NAMES
 from visiond.frames import ModelRef, Prediction
@@ -21,7 +23,24 @@ EVENT_SCHEMA = "visiond.event/1"
 SHADOW_SCHEMA = "visiond.shadow/1"
 INSPECTION_SCHEMA = "visiond.inspection/1"
 
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False).encode
+_ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+_json_fallback = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False).encode
+
+
+def _dumps(obj: Any) -> bytes:
+    """Compact UTF-8 JSON, keys in insertion order: orjson (~10x the standard library), which writes the same
+    values (a float may be spelt differently, `1e-05` as `0.00001`: the same number); what it refuses (an
+    integer beyond 64 bits, an object of an unknown type) goes through the standard library as before."""
+    try:
+        return orjson.dumps(obj, option=_ORJSON_OPTIONS)
+    except orjson.JSONEncodeError:
+        return _json_fallback(obj).encode()
+
+
+def new_id() -> str:
+    """A random (version 4) UUID as text, as `new_id()` writes it, for a third of its cost."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 # ---------------------------------------------------------------- topics
@@ -83,7 +102,7 @@ def _model_dict(model: ModelRef | Mapping[str, str]) -> dict[str, str]:
 def prediction_payload(p: Prediction, seq: int, node: str, msg_id: str) -> bytes:
     """Compact JSON of prediction.schema.json; on the hot path (~10 µs)."""
     t = p.timings
-    return _encode({
+    return _dumps({
         "schema": PREDICTION_SCHEMA,
         "id": msg_id,
         "node": node,
@@ -101,12 +120,12 @@ def prediction_payload(p: Prediction, seq: int, node: str, msg_id: str) -> bytes
             "inference": round(t.inference_s * 1e3, 3),
             "total": round(t.total_s * 1e3, 3),
         },
-    }).encode()
+    })
 
 
 def event_payload(camera: str, event: Mapping[str, Any], seq: int, node: str, msg_id: str) -> bytes:
     """Compact JSON of event.schema.json; `event` holds kind, at (wall seconds), label, score, model."""
-    return _encode({
+    return _dumps({
         "schema": EVENT_SCHEMA,
         "id": msg_id,
         "node": node,
@@ -119,13 +138,13 @@ def event_payload(camera: str, event: Mapping[str, Any], seq: int, node: str, ms
         "roi": str(event.get("roi") or "full"),
         "model": _model_dict(event["model"]),
         "evidence": event.get("evidence"),
-    }).encode()
+    })
 
 
 def shadow_payload(camera: str, report: Mapping[str, Any], seq: int, node: str, msg_id: str) -> bytes:
     """Compact JSON of one shadow-mode comparison window (the report as `ShadowRunner` makes it)."""
-    return _encode({"schema": SHADOW_SCHEMA, "id": msg_id, "node": node, "camera": camera, "seq": seq,
-                    **report}).encode()
+    return _dumps({"schema": SHADOW_SCHEMA, "id": msg_id, "node": node, "camera": camera, "seq": seq,
+                    **report})
 
 
 def inspection_payload(doc: Mapping[str, Any], seq: int, node: str) -> bytes:
@@ -137,7 +156,7 @@ def inspection_payload(doc: Mapping[str, Any], seq: int, node: str) -> bytes:
     def score(x):
         return None if x is None else round(float(x), 6)
 
-    return _encode({
+    return _dumps({
         "schema": INSPECTION_SCHEMA,
         "id": doc["id"],
         "job_id": doc["job_id"],
@@ -162,27 +181,27 @@ def inspection_payload(doc: Mapping[str, Any], seq: int, node: str) -> bytes:
         "decided_at": rfc3339(doc["decided_at"]),
         "latency_ms": doc["latency_ms"],
         "evidence": doc["evidence"],
-    }).encode()
+    })
 
 
 def recipe_payload(name: str | None, models: Mapping[str, Any], at: float) -> bytes:
     """Retained `recipe`: the recipe in service (null: the config's own models and ROIs) and its models."""
-    return _encode({"name": name, "models": dict(models), "at": rfc3339(at)}).encode()
+    return _dumps({"name": name, "models": dict(models), "at": rfc3339(at)})
 
 
 # The spool calls these with the seq it assigns; the id is new per message (a resend reuses the stored bytes).
 
 
 def build_prediction(p: Prediction, node: str, seq: int) -> bytes:
-    return prediction_payload(p, seq, node, str(uuid.uuid4()))
+    return prediction_payload(p, seq, node, new_id())
 
 
 def build_event(camera: str, event: Mapping[str, Any], node: str, seq: int) -> bytes:
-    return event_payload(camera, event, seq, node, str(uuid.uuid4()))
+    return event_payload(camera, event, seq, node, new_id())
 
 
 def build_shadow(camera: str, report: Mapping[str, Any], node: str, seq: int) -> bytes:
-    return shadow_payload(camera, report, seq, node, str(uuid.uuid4()))
+    return shadow_payload(camera, report, seq, node, new_id())
 
 
 # ---------------------------------------------------------------- retained state
@@ -190,7 +209,7 @@ def build_shadow(camera: str, report: Mapping[str, Any], node: str, seq: int) ->
 
 def camera_status_payload(online: bool, reason: str, at: float) -> bytes:
     """Retained `<camera>/status`: {"state": "online"|"offline", "reason", "at"}."""
-    return _encode({"state": "online" if online else "offline", "reason": reason, "at": rfc3339(at)}).encode()
+    return _dumps({"state": "online" if online else "offline", "reason": reason, "at": rfc3339(at)})
 
 
 def status_detail_payload(detail: Mapping[str, Any], at: float) -> bytes:
@@ -199,7 +218,7 @@ def status_detail_payload(detail: Mapping[str, Any], at: float) -> bytes:
     Times are recorded as epoch seconds and written here as RFC 3339 UTC, like every other
     time in every payload: any `at` or `*_at` key, at any depth.
     """
-    return _encode(_times_as_rfc3339({**detail, "at": at})).encode()
+    return _dumps(_times_as_rfc3339({**detail, "at": at}))
 
 
 def _times_as_rfc3339(value: Any, key: str = "") -> Any:

@@ -13,12 +13,14 @@ counted as dropped and then delivered anyway.
 `seq` lives here too because it must be allocated in the same transaction as
 the rows that carry it: a seq is never reused, even after its row is gone.
 
-Thread-safety: writes (append, delete) share one connection behind a lock;
-reads (peek, oldest_age) use a connection per thread, so the MQTT thread
+Thread-safety: writes (append, write, delete) share one connection behind a
+lock; reads (peek, oldest_age) use a connection per thread, so the MQTT thread
 never waits for the inference thread's fsync (WAL lets readers run beside the
-writer). Deletes commit without fsync: losing one in a power cut only means a
-duplicate delivery, which at-least-once allows; the next append's fsync makes
-them durable anyway.
+writer); `hold` takes no lock. In the daemon one `SpoolWriter` thread does every
+write: a batch's rows and the previous batches' acknowledged deletes share one
+transaction (`write`). Deletes alone commit without fsync: losing one in a power
+cut only means a duplicate delivery, which at-least-once allows; the next
+append's fsync makes them durable anyway.
 """
 
 from __future__ import annotations
@@ -131,24 +133,43 @@ class Spool:
 
     def append(self, items: Sequence[SpoolItem]) -> list[int]:
         """Store a batch in one transaction; returns the consecutive seqs it got."""
+        return [m.seq for m in self.write(items)[0]]
+
+    def write(self, items: Sequence[SpoolItem], delete: Sequence[int] = ()) -> tuple[list[SpooledMessage], int]:
+        """One transaction (one fsync when anything is appended): store `items`, remove the delivered `delete`.
+
+        Returns the stored messages, in seq order (what the publisher may send without reading them back), and
+        how many of the oldest rows the bound evicted to make room (0 in the common case).
+        """
         if not items:
-            return []
+            if delete:
+                self.delete(delete)
+            return [], 0
         with self._lock:
             first = self._next_seq
-            counters = {}
+            counters: dict[str, int] = {}
             rows = []
-            for i, (topic, build, qos, captured_at, camera, *rest) in enumerate(items):
+            seq = first
+            for topic, build, qos, captured_at, camera, *rest in items:
                 stream = rest[0] if rest else "prediction"
                 correlation = rest[1] if len(rest) > 1 else None
                 if stream is None:
-                    rows.append((first + i, topic, build(0), qos, captured_at, camera, correlation))
-                    continue
-                n = counters.get(stream) or self._stream_next(stream)
-                counters[stream] = n + 1
-                rows.append((first + i, topic, build(n), qos, captured_at, camera, correlation))
-            end = first + len(rows)
-            over = max(0, self._count + len(rows) - self.max_messages)
-            with sqlite_transaction(self._db) as db:
+                    payload = build(0)
+                else:
+                    n = counters.get(stream) or self._stream_next(stream)
+                    counters[stream] = n + 1
+                    payload = build(n)
+                rows.append((seq, topic, payload, qos, captured_at, camera, correlation))
+                seq += 1
+            end = seq
+            db = self._db
+            with sqlite_transaction(db):
+                removed = 0
+                if delete:
+                    before = db.total_changes
+                    db.executemany("DELETE FROM messages WHERE seq = ?", [(s,) for s in delete])
+                    removed = db.total_changes - before
+                over = max(0, self._count - removed + len(rows) - self.max_messages)
                 db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (end,))
                 db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
@@ -157,11 +178,12 @@ class Spool:
                     db.executemany("DELETE FROM messages WHERE seq = ?", [(s,) for s in self._victims(over)])
             self._next_seq = end
             self._streams.update(counters)
-            self._count += len(rows) - over
+            self._held.difference_update(delete)
+            self._count += len(rows) - over - removed
             if over:
                 self._note_dropped(over)
         self._publish_count()
-        return list(range(first, end))
+        return [SpooledMessage(*r) for r in rows], over
 
     def _victims(self, n: int) -> list[int]:
         """The `n` seqs to evict: the oldest unheld rows, then (only if too few) the oldest held ones."""
@@ -176,9 +198,11 @@ class Spool:
         return victims
 
     def hold(self, seq: int) -> None:
-        """The publisher handed this row to the broker: evict it last."""
-        with self._lock:
-            self._held.add(seq)
+        """The publisher handed this row to the broker: evict it last.
+
+        No lock: one set operation is atomic under the GIL, and the publisher must not wait for a commit's fsync.
+        """
+        self._held.add(seq)
 
     def release(self, seqs: Sequence[int] | None = None) -> None:
         """These rows are no longer in flight (connection lost); None releases all."""
@@ -259,13 +283,19 @@ class SpoolWriter:
     tens of ms), and under load many batches share one fsync. A bound keeps memory
     finite: when the disk falls that far behind, `put` blocks, and frames back up
     into the camera queues, where the drop policy counts them.
+
+    The publisher hands its acknowledged seqs here too (`delete`): they leave the
+    spool in the same transaction as the next batch, so the publisher's thread never
+    waits on the disk either. `on_written(messages, evicted)` gets what was stored,
+    for the publisher to send from memory.
     """
 
-    def __init__(self, spool: Spool, on_written: Callable[[], None], on_failed: Callable[[int], None],
-                 max_pending: int = 20_000):
+    def __init__(self, spool: Spool, on_written: Callable[[list[SpooledMessage], int], None],
+                 on_failed: Callable[[int], None], max_pending: int = 20_000):
         self._spool, self._on_written, self._on_failed = spool, on_written, on_failed
         self._max = max_pending
         self._pending: list = []
+        self._deletes: list[int] = []
         self._cond = threading.Condition()
         self._stopping = False
         self._busy = False
@@ -285,11 +315,21 @@ class SpoolWriter:
             self._pending.extend(items)
             self._cond.notify_all()
 
+    def delete(self, seqs: Sequence[int]) -> bool:
+        """Queue delivered seqs for deletion with the next write; False when the writer no longer runs (then the
+        caller deletes them itself)."""
+        with self._cond:
+            if self._stopping or not self._thread.is_alive():
+                return False
+            self._deletes.extend(seqs)
+            self._cond.notify_all()
+            return True
+
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until everything handed over so far is on disk."""
+        """Wait until everything handed over so far is on disk (and every queued delete done)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while (self._pending or self._busy) and self._thread.is_alive():
+            while (self._pending or self._deletes or self._busy) and self._thread.is_alive():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -307,21 +347,34 @@ class SpoolWriter:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._stopping:
+                while not self._pending and not self._deletes and not self._stopping:
                     self._cond.wait()
-                if not self._pending and self._stopping:
+                if not self._pending and not self._deletes and self._stopping:
                     return
                 items, self._pending = self._pending, []
+                deletes, self._deletes = self._deletes, []
                 self._busy = True
                 self.busy_since = time.monotonic()
                 self._cond.notify_all()
             try:
-                self._spool.append(items)
+                if items:
+                    written = self._spool.write(items, deletes)
+                else:
+                    self._spool.delete(deletes)  # no fsync (see the module docstring)
             except Exception:  # a full or broken disk must not end the stage; count and go on
-                self._on_failed(len(items))
-                log.exception("could not spool %d message(s); they are lost (counted as failed)", len(items))
+                if items:
+                    self._on_failed(len(items))
+                    log.exception("could not spool %d message(s); they are lost (counted as failed)", len(items))
+                    try:  # the delivered ones still leave (their delete went down with the failed transaction)
+                        self._spool.delete(deletes)
+                    except Exception:
+                        log.exception("could not delete %d delivered message(s); they may be sent again",
+                                      len(deletes))
+                else:
+                    log.exception("could not delete %d delivered message(s); they may be sent again", len(deletes))
             else:
-                self._on_written()
+                if items:
+                    self._on_written(*written)
             finally:
                 with self._cond:
                     self._busy = False
