@@ -107,7 +107,7 @@ def test_a_trial_running_at_the_budget_edge_is_cut_and_the_search_ends_in_time(s
     # given a 20-second budget and trials that would need many epochs
     out = tmp_path / "tiny"
     opts = TuneOptions(data=shapes, out=out, budget_s=20, sizes=(32,), min_epochs=40, max_epochs=40,
-                       device="cpu", progress=False)
+                       early_stop=1000, device="cpu", progress=False)  # no early stop: a trial needs ~40 epochs
     # when tune runs
     t0 = time.monotonic()
     result = run_tune(opts)
