@@ -84,7 +84,7 @@ def test_stats_table_output(tmp_path):
     (["dataset", "import", "idx", "{tmp}", "{tmp}/ds"], "no IDX files"),
     (["dataset", "split", "{tmp}/nothing"], "no manifest"),
     (["dataset", "split", "{shapes}", "--train", "0.9"], "expected them to sum to 1"),
-    (["augment-preview", "{shapes}", "--out", "{tmp}/g.png", "--preset", "wild"], "expected one of none, light"),
+    (["augment-preview", "{shapes}", "--out", "{tmp}/g.png", "--preset", "wild"], "expected one of none, safe"),
     (["augment-preview", "{shapes}", "--out", "{tmp}/g.png", "--size", "2"], "expected 8..4096"),
 ])
 def test_user_errors_print_one_line_and_exit_2(tmp_path, args, message):
