@@ -78,14 +78,19 @@ def _defaults(opts: BenchOptions) -> BenchOptions:
         if not Path(p).exists():
             raise UserError(f"{what} {p}: not found")
     if opts.roi is None:
-        cap = cv2.VideoCapture(str(opts.video))
-        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-        cap.release()
-        if w <= 0:
-            raise UserError(f"--video {opts.video}: OpenCV cannot read it; expected a video file")
-        side = min(w, h) * 2 // 3 // 16 * 16
-        opts.roi = ((w - side) // 2, (h - side) // 2, side, side)
+        opts.roi = default_roi(opts.video)
     return opts
+
+
+def default_roi(video: Path) -> tuple[int, int, int, int]:
+    """The centred square every bench crops (two thirds of the short side, a multiple of 16)."""
+    cap = cv2.VideoCapture(str(video))
+    w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    cap.release()
+    if w <= 0:
+        raise UserError(f"--video {video}: OpenCV cannot read it; expected a video file")
+    side = min(w, h) * 2 // 3 // 16 * 16
+    return (w - side) // 2, (h - side) // 2, side, side
 
 
 class _Frames:
@@ -143,21 +148,34 @@ def bench_preprocess(opts: BenchOptions, spec) -> dict:
 
 
 def bench_model(clf: Classifier, max_batch: int) -> dict:
-    s = clf.spec
+    """`measure_model` at batch 1, 2, 4, ... up to max_batch."""
     out = {}
     b = 1
     while b <= max_batch:
-        x = np.random.default_rng(0).integers(0, 255, (b, s.height, s.width, s.channels), dtype=np.uint8)
-        for _ in range(3):
-            clf.predict(x)
-        n, w0, c0 = 0, *_clock()
-        while time.perf_counter() - w0 < 1.0:
-            clf.predict(x)
-            n += 1
-        w1, c1 = _clock()
-        out[b] = {"fps": n * b / (w1 - w0), "cpu_s_per_frame": (c1 - c0) / (n * b)}
+        out[b] = measure_model(clf, b)
         b *= 2
     return out
+
+
+def measure_model(clf: Classifier, batch: int, seconds: float = 1.0) -> dict:
+    """The model stage alone on a spec-sized uint8 batch, repeated for `seconds` (at least 5 calls) after three
+    warm-up calls: throughput, CPU per frame (process clock: a runtime that spins its threads pays for them) and
+    one call's p50/p99."""
+    s = clf.spec
+    x = np.random.default_rng(0).integers(0, 256, (batch, s.height, s.width, s.channels), dtype=np.uint8)
+    for _ in range(3):
+        clf.predict(x)
+    calls = []
+    w0, c0 = _clock()
+    while time.perf_counter() - w0 < seconds or len(calls) < 5:
+        t = time.perf_counter()
+        clf.predict(x)
+        calls.append(time.perf_counter() - t)
+    w1, c1 = _clock()
+    frames = len(calls) * batch
+    ms = np.array(calls) * 1000
+    return {"fps": frames / (w1 - w0), "cpu_s_per_frame": (c1 - c0) / frames,
+            "call_p50_ms": float(np.percentile(ms, 50)), "call_p99_ms": float(np.percentile(ms, 99))}
 
 
 def _received(rec: Recorder) -> list[tuple[float, dict]]:
@@ -165,7 +183,8 @@ def _received(rec: Recorder) -> list[tuple[float, dict]]:
     return [(t, json.loads(m.payload)) for t, m in rec.arrivals()]
 
 
-def _captured(p: dict) -> float:
+def captured_at(p: dict) -> float:
+    """A payload's capture time (epoch seconds)."""
     return dt.datetime.fromisoformat(p["captured_at"].replace("Z", "+00:00")).timestamp()
 
 
@@ -175,7 +194,7 @@ def _summary(recv: list[tuple[float, dict]], trim: float = 0.1) -> dict:
         return {"fps": 0.0, "latency_p50_ms": None, "latency_p99_ms": None, "messages": len(recv)}
     times = np.array([t for t, _ in recv])
     a, b = int(len(times) * trim), int(len(times) * (1 - trim)) - 1
-    lat = np.array([(t - _captured(p)) * 1000 for t, p in recv])
+    lat = np.array([(t - captured_at(p)) * 1000 for t, p in recv])
     return {"fps": (b - a) / max(times[b] - times[a], 1e-9), "latency_p50_ms": float(np.percentile(lat, 50)),
             "latency_p99_ms": float(np.percentile(lat, 99)), "messages": len(recv)}
 
@@ -242,7 +261,7 @@ def pipeline(opts: BenchOptions, host: str, port: int, frames: int, fps: float =
             started, deadline = True, time.time() + 60 + frames / max(fps, 10)
         for name, at in (("a", 0.1), ("b", 0.9)):
             if name not in marks and n >= frames * at:
-                marks[name] = (n, _proc_cpu(proc.pid))
+                marks[name] = (n, proc_cpu(proc.pid))
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, status, ru = os.wait4(proc.pid, 0)
@@ -321,7 +340,7 @@ def bench_deliver(opts: BenchOptions, classes: Sequence[str], host: str, port: i
             for name, at in (("a", 0.1), ("b", 0.9)):
                 if name not in marks and n >= frames * at:
                     marks[name] = (n, time.process_time(), _thread_cpu(sub_thread),
-                                   _proc_cpu(broker_pid) if broker_pid else None)
+                                   proc_cpu(broker_pid) if broker_pid else None)
             if submitted < frames and submitted - n < DELIVER_OUTSTANDING:
                 k = min(batch, frames - submitted)
                 now_wall, now_mono = time.time(), time.monotonic()
@@ -355,7 +374,7 @@ def bench_deliver(opts: BenchOptions, classes: Sequence[str], host: str, port: i
     return out
 
 
-def _proc_cpu(pid: int) -> float:
+def proc_cpu(pid: int) -> float:
     """User + system CPU seconds of a running process (all its threads)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
@@ -568,12 +587,12 @@ def inspect_station(opts: BenchOptions, host: str, port: int, defects: list[str]
     try:
         _wait_ready(daemon, ready)
         with Requester(host, port, "bench") as plc:
-            cpu0 = _proc_cpu(daemon.proc.pid)
+            cpu0 = proc_cpu(daemon.proc.pid)
             sent = _drive(plc, opts.inspect_seconds, opts.inspect_rate)
             plc.wait_all(sent, BURST["deadline_ms"] / 1000 + 10)
-            cpu1 = _proc_cpu(daemon.proc.pid)
+            cpu1 = proc_cpu(daemon.proc.pid)
             answers = [(plc.answers(c), plc.latency_s(c)) for c in sent]
-        rss = _peak_rss_mb(daemon.proc.pid)
+        rss = rss_mb(daemon.proc.pid)[1]
         code = daemon.stop()
     finally:
         daemon.close()
@@ -588,16 +607,19 @@ def inspect_station(opts: BenchOptions, host: str, port: int, defects: list[str]
     return out
 
 
-def _peak_rss_mb(pid: int) -> float | None:
-    """The process's peak resident memory (VmHWM), read while it runs."""
+def rss_mb(pid: int) -> tuple[float | None, float | None]:
+    """(VmRSS, VmHWM): a running process's resident memory now and at its peak, in MiB."""
+    now = peak = None
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return None
+            if line.startswith("VmRSS:"):
+                now = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+    return now, peak
 
 
-def _percentiles(values_ms: list[float]) -> dict:
+def percentiles(values_ms: list[float]) -> dict:
     if not values_ms:
         return {"p50": None, "p95": None, "p99": None, "max": None}
     a = np.array(values_ms)
@@ -626,8 +648,8 @@ def _inspect_summary(answers: list[tuple[list, float | None]], truth: list[str] 
         "answered_more_than_once": sum(len(got) > 1 for got, _ in answers),
         "verdicts": verdicts, "errors": errors,
         "accuracy": sum(v == t for v, t in judged) / len(judged) if judged else None, "judged": len(judged),
-        "latency_ms": _percentiles([s * 1e3 for _, s in answers if s is not None]),
-        "daemon_ms": {k: _percentiles([lat[k] for lat in decided]) for k in ("burst", "inference", "total")},
+        "latency_ms": percentiles([s * 1e3 for _, s in answers if s is not None]),
+        "daemon_ms": {k: percentiles([lat[k] for lat in decided]) for k in ("burst", "inference", "total")},
     }
 
 

@@ -11,37 +11,25 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from visiond.errors import UserError
 from visiond.models.checkpoint import CheckpointError, load_checkpoint
 from visiond.models.runtime import make_classifier
+from visiond.serve.bench import measure_model
 
 CPU_RUNTIMES = ("torch", "onnxruntime", "openvino")
 console = Console(stderr=True)
 
 
 def measure(clf, batch: int, seconds: float = 1.0) -> dict:
-    s = clf.spec
-    x = np.random.default_rng(0).integers(0, 256, (batch, s.height, s.width, s.channels), dtype=np.uint8)
-    for _ in range(3):
-        clf.predict(x)
-    calls = []
-    w0, c0 = time.perf_counter(), time.process_time()
-    while time.perf_counter() - w0 < seconds or len(calls) < 5:
-        t = time.perf_counter()
-        clf.predict(x)
-        calls.append(time.perf_counter() - t)
-    w1, c1 = time.perf_counter(), time.process_time()
-    frames = len(calls) * batch
-    ms = np.array(calls) * 1000
-    return {"fps": frames / (w1 - w0), "cpu_ms_per_frame": (c1 - c0) * 1000 / frames,
-            "call_p50_ms": float(np.percentile(ms, 50)), "call_p99_ms": float(np.percentile(ms, 99))}
+    """`visiond bench`'s model-only measurement, its CPU in ms per frame."""
+    row = measure_model(clf, batch, seconds)
+    return {"fps": row["fps"], "cpu_ms_per_frame": row["cpu_s_per_frame"] * 1000,
+            "call_p50_ms": row["call_p50_ms"], "call_p99_ms": row["call_p99_ms"]}
 
 
 def run_model_only(checkpoint: Path, *, runtimes=CPU_RUNTIMES, max_batch: int = 16, threads: int = 1,

@@ -19,7 +19,6 @@ the broker together (from /proc, over the measured window) and the daemon's RSS.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import shutil
@@ -30,7 +29,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -39,6 +37,7 @@ from visiond.errors import UserError
 from visiond.harness.broker import Broker, BrokerError
 from visiond.harness.child import DaemonProcess, metric_sum
 from visiond.harness.recorder import Recorder
+from visiond.serve.bench import _f, captured_at, default_roi, percentiles, proc_cpu, rss_mb
 
 console = Console(stderr=True)
 
@@ -79,19 +78,6 @@ def _check(opts: StreamsOptions) -> None:
                         "expected all > 0")
 
 
-def _default_roi(video: Path) -> tuple[int, int, int, int]:
-    """The centred square `visiond bench` uses (two thirds of the short side)."""
-    import cv2
-
-    cap = cv2.VideoCapture(str(video))
-    w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    cap.release()
-    if w <= 0:
-        raise UserError(f"--video {video}: OpenCV cannot read it; expected a video file")
-    side = min(w, h) * 2 // 3 // 16 * 16
-    return (w - side) // 2, (h - side) // 2, side, side
-
-
 class RtspServer:
     """tools/rtsp_server.py under the system python: one URL, every client its own stream from frame 0."""
 
@@ -118,30 +104,6 @@ class RtspServer:
         from visiond.harness.process import stop_process
 
         stop_process(self.proc)
-
-
-def _proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of a running process (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss_mb(pid: int) -> tuple[float | None, float | None]:
-    """(VmRSS, VmHWM) of a running process in MiB."""
-    now = peak = None
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                now = int(line.split()[1]) / 1024
-            elif line.startswith("VmHWM:"):
-                peak = int(line.split()[1]) / 1024
-    return now, peak
-
-
-def _captured_at(payload: bytes) -> float:
-    stamp = json.loads(payload)["captured_at"]
-    return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 def _counters(daemon: DaemonProcess) -> tuple[float, float, dict[str, float]]:
@@ -198,7 +160,7 @@ def trial(opts: StreamsOptions, n: int, source: str, broker: Broker, on_second=N
         daemon.wait_http()
         time.sleep(opts.warmup_s)
         cap0, drop0, reasons0 = _counters(daemon)
-        cpu_d0, cpu_b0, t0 = _proc_cpu(daemon.proc.pid), _proc_cpu(broker.proc.pid), time.time()
+        cpu_d0, cpu_b0, t0 = proc_cpu(daemon.proc.pid), proc_cpu(broker.proc.pid), time.time()
         early = None
         while time.time() - t0 < opts.hold_s:
             time.sleep(min(1.0, max(0.0, opts.hold_s - (time.time() - t0))))
@@ -210,9 +172,9 @@ def trial(opts: StreamsOptions, n: int, source: str, broker: Broker, on_second=N
                 break
             if on_second:
                 on_second()
-        cpu_d1, cpu_b1, t1 = _proc_cpu(daemon.proc.pid), _proc_cpu(broker.proc.pid), time.time()
+        cpu_d1, cpu_b1, t1 = proc_cpu(daemon.proc.pid), proc_cpu(broker.proc.pid), time.time()
         cap1, drop1, reasons1 = _counters(daemon)
-        rss, rss_peak = _rss_mb(daemon.proc.pid)
+        rss, rss_peak = rss_mb(daemon.proc.pid)
         time.sleep(min(1.0, opts.p99_limit_ms / 1000 * 2))  # frames captured before t1 still on their way
         arrivals = rec.arrivals()
         exit_code = daemon.stop()
@@ -222,14 +184,15 @@ def trial(opts: StreamsOptions, n: int, source: str, broker: Broker, on_second=N
         shutil.rmtree(work, ignore_errors=True)
     lat, delivered = [], 0
     for t, m in arrivals:
-        captured = _captured_at(m.payload)
+        captured = captured_at(json.loads(m.payload))
         if t0 <= captured < t1:
             delivered += 1
             lat.append((t - captured) * 1000)
     seconds = t1 - t0
     expected = n * opts.fps * seconds
     dropped = {r: v - reasons0.get(r, 0.0) for r, v in reasons1.items() if v - reasons0.get(r, 0.0) > 0}
-    p50, p99 = (float(np.percentile(lat, 50)), float(np.percentile(lat, 99))) if lat else (None, None)
+    p = percentiles(lat)
+    p50, p99 = p["p50"], p["p99"]
     cpu_daemon, cpu_broker = cpu_d1 - cpu_d0, cpu_b1 - cpu_b0
     out = {"streams": n, "seconds": round(seconds, 2), "captured_fps_per_camera": (cap1 - cap0) / seconds / n,
            "delivered_fps_per_camera": delivered / seconds / n, "dropped": int(drop1 - drop0),
@@ -278,7 +241,7 @@ def run_streams(opts: StreamsOptions) -> dict:
     """Search for the largest N that holds; print the table, write JSON if asked, return the report."""
     _check(opts)
     if opts.roi is None:
-        opts.roi = _default_roi(opts.video)
+        opts.roi = default_roi(opts.video)
     try:
         broker = Broker(options=["max_queued_messages 100000"]).start()
     except BrokerError as exc:
@@ -352,10 +315,6 @@ def _report(opts: StreamsOptions, source: str, model: dict) -> dict:
         "stopped_by": first_bad["reason"] if first_bad else f"the cap, --max-streams {opts.max_streams}",
         "trials": opts.trials,
     }
-
-
-def _f(x, fmt="{:.1f}"):
-    return "-" if x is None else fmt.format(x)
 
 
 def _print(r: dict) -> None:
