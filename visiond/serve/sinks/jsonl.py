@@ -12,9 +12,8 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-import orjson
-
 from visiond.frames import Prediction
+from visiond.serve.sinks.payloads import dumps
 from visiond.timefmt import rfc3339
 
 log = logging.getLogger(__name__)
@@ -29,7 +28,7 @@ class JsonlSink:
         self._f = open(self.path, "a", buffering=1, encoding="utf-8")
 
     def submit(self, predictions: Sequence[Prediction]) -> None:
-        lines = b"".join(orjson.dumps(self._record(p), option=orjson.OPT_APPEND_NEWLINE) for p in predictions).decode()
+        lines = b"".join(dumps(self._record(p)) + b"\n" for p in predictions).decode()
         with self._lock:
             self._f.write(lines)
             if self._f.seekable() and self._f.tell() > self._max:  # a pipe (a log shipper) is never rotated
