@@ -396,6 +396,40 @@ def test_a_denied_publish_is_never_a_success_and_is_retried(mosquitto, mqtt_reco
     assert [m.camera for m in spool.peek(0, 10)] == ["cam1"]
 
 
+def test_once_denied_messages_got_through_the_next_denial_is_retried_at_the_shortest_delay(
+    mosquitto, mqtt_recorder, make_sink, metrics
+):
+    # given a broker that denies cam1's topics, and a sink that retried cam1's prediction with a growing delay
+    acl = mosquitto.workdir / "acl"
+    open_to = "topic readwrite visiond/+/status\ntopic readwrite visiond/+/status/#\ntopic readwrite visiond/+/cmd/#\n"
+    deny_cam1 = open_to + "topic readwrite visiond/+/cam2/#\ntopic read visiond/#\n"
+    acl.write_text(deny_cam1)
+    reconfigure(mosquitto, f"acl_file {acl}")
+    recorder = mqtt_recorder("visiond/+/+/prediction")
+    sink, spool = make_sink(mosquitto)
+    wait_until(lambda: sink.connected, what="connected")
+    sink.submit([prediction("cam1")])
+    wait_until(lambda: sample(metrics, "visiond_mqtt_publish_total", result="denied") >= 3, what="denied 3 times")
+
+    def reload_acl(text: str) -> None:
+        acl.write_text(text)
+        os.kill(mosquitto.proc.pid, signal.SIGHUP)  # mosquitto re-reads its ACL file
+        time.sleep(0.3)
+
+    # when the ACL lets it through and the spool drains
+    reload_acl(open_to + "topic readwrite visiond/#\n")
+    recorder.wait_for(lambda ms: len(ms) == 1, timeout=15)
+    wait_until(lambda: spool.count() == 0, what="spool drained")
+    # and cam1 is denied again
+    reload_acl(deny_cam1)
+    denied = sample(metrics, "visiond_mqtt_publish_total", result="denied")
+    sink.submit([prediction("cam1")])
+    wait_until(lambda: sample(metrics, "visiond_mqtt_publish_total", result="denied") >= denied + 1, what="denied")
+    # then its retry comes after the shortest delay (0.5 s), not the one the last denials grew to (4 s)
+    wait_until(lambda: sample(metrics, "visiond_mqtt_publish_total", result="denied") >= denied + 2, timeout=2.5,
+               what="the retry at the shortest delay")
+
+
 # ---------------------------------------------------------------- status, will, commands
 
 

@@ -156,7 +156,8 @@ class MqttSink:
         self._cursor = 0  # highest seq handed to paho on this connection
         self._window = cfg.max_inflight
         self._rewind_at: float | None = None  # when denied messages get their retry
-        self._deny_delay = _BACKOFF_MIN_S
+        self._deny_delay = _BACKOFF_MIN_S  # grows while denials repeat; back to the shortest once all got through
+        self._denied_seqs: set[int] = set()  # denied and not yet delivered
         self._denials_logged: set[tuple[str, int]] = set()
         self._backoff = _BACKOFF_MIN_S
         self._next_attempt = 0.0
@@ -535,8 +536,6 @@ class MqttSink:
         self._acked = []
         if not self._writer.delete(acked):
             self._spool.delete(acked)
-        if self._spool.count() == 0:
-            self._deny_delay = _BACKOFF_MIN_S
 
     def _publish_retained(self) -> None:
         with self._lock:
@@ -557,26 +556,9 @@ class MqttSink:
         """Hand spooled messages to paho in seq order while the in-flight window has room: from memory while what
         the writer handed over follows the cursor without a gap, else read back from the spool."""
         free = self._window - len(self._inflight) - len(self._status_mids)
-        fresh = self._fresh
-        while free > 0 and fresh:
-            msg = fresh[0]
-            if msg.seq <= self._cursor:  # already sent from the spool
-                fresh.popleft()
-                continue
-            if msg.seq != self._cursor + 1:
-                break  # a gap: the spool has what comes first
-            fresh.popleft()
-            self._cursor = msg.seq
-            if msg.seq in self._inflight_seqs:
-                continue
-            if not self._send(msg):
-                return
-            free -= 1
-        while free > 0 and self._cursor < self._spool.last_seq:
-            last = self._spool.last_seq  # read before peek: rows up to it are committed
-            batch = self._spool.peek(self._cursor, min(free + len(self._inflight_seqs), _MAX_PEEK))
+        while free > 0:
+            batch = self._take_fresh(free) or self._read_spool(free)
             if not batch:
-                self._cursor = last
                 return
             for msg in batch:
                 self._cursor = msg.seq
@@ -587,6 +569,29 @@ class MqttSink:
                 free -= 1
                 if free == 0:
                     return
+
+    def _take_fresh(self, n: int) -> list[SpooledMessage]:
+        """Up to `n` of the messages the writer handed over that follow the cursor without a gap."""
+        fresh, out, nxt = self._fresh, [], self._cursor + 1
+        while fresh and len(out) < n:
+            seq = fresh[0].seq
+            if seq > nxt:
+                break  # a gap: the spool has what comes first
+            msg = fresh.popleft()
+            if seq == nxt:  # (one below it was already sent from the spool: dropped)
+                out.append(msg)
+                nxt += 1
+        return out
+
+    def _read_spool(self, free: int) -> list[SpooledMessage]:
+        """The next committed messages after the cursor, read back from the spool."""
+        last = self._spool.last_seq  # read before peek: rows up to it are committed
+        if self._cursor >= last:
+            return []
+        batch = self._spool.peek(self._cursor, min(free + len(self._inflight_seqs), _MAX_PEEK))
+        if not batch:
+            self._cursor = last
+        return batch
 
     def _send(self, msg: SpooledMessage) -> bool:
         """Publish one message; False when the connection is gone."""
@@ -635,6 +640,10 @@ class MqttSink:
         if not self._acked:
             self._acked_since = time.monotonic()
         self._acked.append(msg.seq)  # still held (see _send) until _flush_acked deletes it
+        if self._denied_seqs:
+            self._denied_seqs.discard(msg.seq)
+            if not self._denied_seqs:  # every denied message got through: a new denial starts the delays afresh
+                self._deny_delay = _BACKOFF_MIN_S
         self._count_acked.inc()
         if not msg.topic.endswith("/prediction"):
             return  # the latency histogram is capture -> ack of verdicts
@@ -646,6 +655,7 @@ class MqttSink:
     def _denied(self, msg: SpooledMessage, reason_code) -> None:
         """Keep it spooled and offer it again later; a denial is never a success."""
         self._spool.release([msg.seq])
+        self._denied_seqs.add(msg.seq)
         self._count_denied.inc()
         key = (msg.topic, reason_code.value)
         if key not in self._denials_logged and len(self._denials_logged) < 1000:
