@@ -57,7 +57,20 @@ def _provider_name(p) -> str:
     return p if isinstance(p, str) else p[0]
 
 
-def _cached_version(path: Path) -> str | None:
+def warm_host_runtime(clf, max_batch: int, frame_shapes: Sequence[tuple[int, ...]] = ()) -> None:
+    """A runtime that resizes on the CPU (onnxruntime, OpenVINO): each batch size once, then `predict_images`
+    with frames of the cameras' sizes."""
+    s = clf.spec
+    sizes = sorted({1, max_batch})
+    for n in sizes:
+        clf.predict(np.zeros((n, s.height, s.width, s.channels), np.uint8))
+    for shape in dict.fromkeys(tuple(shape) for shape in frame_shapes):
+        for n in sizes:
+            clf.predict_images([np.zeros(shape, np.uint8)] * n)
+
+
+def cached_version(path: Path) -> str | None:
+    """The model version an ONNX cache file was exported from; None for an unreadable or foreign file."""
     from visiond.models.export import read_onnx_metadata
 
     try:
@@ -82,7 +95,7 @@ class OnnxClassifier:
         self.device = "cpu"
         cache = Path(cache_dir)
         path = cache / f"{ckpt.version}.onnx"
-        if not path.exists() or _cached_version(path) != ckpt.version:
+        if not path.exists() or cached_version(path) != ckpt.version:
             try:
                 result = export_checkpoint(ckpt, "onnx", path)
             except Exception as exc:  # noqa: BLE001 - any exporter failure is reported the same way
@@ -127,14 +140,7 @@ class OnnxClassifier:
         return chosen
 
     def warmup(self, max_batch: int = 1, frame_shapes: Sequence[tuple[int, ...]] = ()) -> None:
-        """Each batch size once, then `predict_images` with frames of the cameras' sizes."""
-        s = self.spec
-        sizes = sorted({1, max_batch})
-        for n in sizes:
-            self.predict(np.zeros((n, s.height, s.width, s.channels), np.uint8))
-        for shape in dict.fromkeys(tuple(shape) for shape in frame_shapes):
-            for n in sizes:
-                self.predict_images([np.zeros(shape, np.uint8)] * n)
+        warm_host_runtime(self, max_batch, frame_shapes)
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 N x H x W x C (already resized by the spec) -> float32 N x classes probabilities."""

@@ -22,14 +22,15 @@ pinned to cores (decoding, MQTT and the broker share them).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from visiond.models.checkpoint import Checkpoint, CheckpointError
+from visiond.models.onnx_runtime import cached_version, warm_host_runtime  # the one ONNX cache both runtimes share
 from visiond.preprocess import stack_uint8
 
 log = logging.getLogger(__name__)
@@ -40,15 +41,6 @@ TOLERANCE = 1e-4  # max abs difference in probability to torch, as `visiond expo
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else exc.__class__.__name__
-
-
-def _cached_version(path: Path) -> str | None:
-    from visiond.models.export import read_onnx_metadata
-
-    try:
-        return json.loads(read_onnx_metadata(path).get("visiond", "{}")).get("version")
-    except Exception:  # noqa: BLE001 - unreadable or foreign file: export again over it
-        return None
 
 
 def _reference(ckpt: Checkpoint) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -97,7 +89,7 @@ class OpenVinoClassifier:
         self._lock = threading.Lock()  # one infer request: the inference thread and a probe may both call predict
         path = Path(cache_dir) / f"{ckpt.version}.onnx"
         exported = False
-        if not path.exists() or _cached_version(path) != ckpt.version:
+        if not path.exists() or cached_version(path) != ckpt.version:
             if path.exists():
                 log.warning("model cache %s is not an export of %s %s (unreadable or another model's); "
                             "exporting it again", path, ckpt.name, ckpt.version)
@@ -144,10 +136,8 @@ class OpenVinoClassifier:
                                   f"(tolerance {TOLERANCE:g})")
         return compiled, diff
 
-    def warmup(self, max_batch: int = 1) -> None:
-        s = self.spec
-        for n in sorted({1, max_batch}):
-            self.predict(np.zeros((n, s.height, s.width, s.channels), np.uint8))
+    def warmup(self, max_batch: int = 1, frame_shapes: Sequence[tuple[int, ...]] = ()) -> None:
+        warm_host_runtime(self, max_batch, frame_shapes)
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 N x H x W x C (already resized by the spec) -> float32 N x classes probabilities."""

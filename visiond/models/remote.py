@@ -26,6 +26,7 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -306,8 +307,9 @@ class RemoteClassifier:
     def __repr__(self) -> str:
         return f"RemoteClassifier({self.model!r} at {self.server.url})"
 
-    def warmup(self, max_batch: int = 1) -> None:
-        """Check the server's model against the checkpoint and run each batch size once.
+    def warmup(self, max_batch: int = 1, frame_shapes: Sequence[tuple[int, ...]] = ()) -> None:
+        """Check the server's model against the checkpoint and run each batch size once (`frame_shapes`: unused,
+        the frames are resized here on the CPU and only spec-sized batches travel).
 
         A server that is away is not an error here (the box starts and drops frames until it
         answers); a server whose model does not fit, or answers with non-probabilities, is.

@@ -8,7 +8,6 @@ the model's device, so only uint8 crosses to a GPU (4x less than float).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import threading
@@ -53,6 +52,10 @@ class Classifier(Protocol):
 
     def predict_images(self, images: list[np.ndarray]) -> np.ndarray:
         """Decoded frames (any size, uint8) -> probabilities; the runtime picks where to resize."""
+        ...
+
+    def warmup(self, max_batch: int = 1, frame_shapes: Sequence[tuple[int, ...]] = ()) -> None:
+        """Run each batch size up to `max_batch` once, and frames of `frame_shapes` where the runtime resizes them."""
         ...
 
 
@@ -346,9 +349,5 @@ def make_classifier(ckpt: Checkpoint, *, runtime: str = "torch", device: str = "
 
 
 def warm_up(clf: Classifier, max_batch: int, frame_shapes: Sequence[tuple[int, ...]] = ()) -> None:
-    """Warm any runtime: every batch size, and the `predict_images` path with the cameras' frame sizes where the
-    runtime takes them (torch, onnxruntime); a runtime without them (remote) warms as it always did."""
-    if "frame_shapes" in inspect.signature(clf.warmup).parameters:
-        clf.warmup(max_batch, frame_shapes=frame_shapes)
-    else:
-        clf.warmup(max_batch)
+    """Warm any runtime: every batch size, and the `predict_images` path with the cameras' frame sizes."""
+    clf.warmup(max_batch, frame_shapes=frame_shapes)
