@@ -55,22 +55,31 @@ def training_transforms(ckpt: Checkpoint, presets: Mapping[str, object]) -> froz
     return allowed_transforms(cfg)
 
 
-def _flip(x: np.ndarray, axis: int) -> np.ndarray:
-    return np.ascontiguousarray(np.flip(x, axis=axis))
+_CROPS = {"crop_tl": (0, 0), "crop_tr": (0, 1), "crop_bl": (1, 0), "crop_br": (1, 1)}  # (from the bottom, from the right)
 
 
-def _corner_crops(x: np.ndarray) -> list[np.ndarray]:
-    """Four corner crops of every image of an N x H x W x C batch, each resized back to H x W."""
+def _crop_into(dst: np.ndarray, x: np.ndarray, name: str) -> None:
+    """One corner crop (CROP_SIDE of each side) of every image of x, resized back to H x W, written into dst."""
     n, h, w, c = x.shape
     ch, cw = max(1, round(h * CROP_SIDE)), max(1, round(w * CROP_SIDE))
-    views = []
-    for top, left in ((0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw)):
-        crop = np.empty_like(x)
-        for i in range(n):
-            r = cv2.resize(x[i, top:top + ch, left:left + cw], (w, h), interpolation=cv2.INTER_LINEAR)
-            crop[i] = r.reshape(h, w, c)
-        views.append(crop)
-    return views
+    bottom, right = _CROPS[name]
+    top, left = (h - ch) * bottom, (w - cw) * right
+    for i in range(n):
+        dst[i] = cv2.resize(x[i, top:top + ch, left:left + cw], (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, c)
+
+
+def _fill_views(buf: np.ndarray, n: int, names: tuple[str, ...]) -> np.ndarray:
+    """buf[:n] holds the images (view 0, 'image'); write every other view into its own n rows of buf, in place."""
+    x = buf[:n]
+    for k, name in enumerate(names[1:], start=1):
+        dst = buf[k * n:(k + 1) * n]
+        if name == "hflip":
+            np.copyto(dst, x[:, :, ::-1])
+        elif name == "vflip":
+            np.copyto(dst, x[:, ::-1])
+        else:
+            _crop_into(dst, x, name)
+    return buf
 
 
 def view_names(mode: str, allowed: frozenset[str]) -> tuple[str, ...]:
@@ -87,19 +96,12 @@ def view_names(mode: str, allowed: frozenset[str]) -> tuple[str, ...]:
 
 def make_views(pixels: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
     """uint8 N x H x W x C -> uint8 (views * N) x H x W x C, view-major (all images of view 0 first)."""
-    x = np.ascontiguousarray(pixels)
-    out = []
-    crops = _corner_crops(x) if any(n.startswith("crop") for n in names) else []
-    for name in names:
-        if name == "image":
-            out.append(x)
-        elif name == "hflip":
-            out.append(_flip(x, 2))
-        elif name == "vflip":
-            out.append(_flip(x, 1))
-        else:
-            out.append(crops[("crop_tl", "crop_tr", "crop_bl", "crop_br").index(name)])
-    return np.concatenate(out) if len(out) > 1 else x
+    x = np.asarray(pixels)
+    if len(names) == 1:
+        return x
+    buf = np.empty((len(names) * len(x), *x.shape[1:]), np.uint8)
+    buf[:len(x)] = x
+    return _fill_views(buf, len(x), names)
 
 
 class TTAClassifier:
@@ -119,11 +121,18 @@ class TTAClassifier:
         n = len(pixels)
         if n == 0 or len(self.views) == 1:
             return self.inner.predict(pixels)
-        probs = np.asarray(self.inner.predict(make_views(np.asarray(pixels), self.views)), np.float32)
-        return probs.reshape(len(self.views), n, -1).mean(0)
+        return self._average(make_views(pixels, self.views), n)
 
     def predict_images(self, images: list[np.ndarray]) -> np.ndarray:
-        return self.predict(stack_uint8(images, self.spec))
+        """The frames resized once, straight into the views batch (view 0), every other view written beside them."""
+        n, s = len(images), self.spec
+        buf = np.empty((len(self.views) * n, s.height, s.width, s.channels), np.uint8)
+        stack_uint8(images, s, out=buf[:n])
+        return self._average(_fill_views(buf, n, self.views), n)
+
+    def _average(self, views: np.ndarray, n: int) -> np.ndarray:
+        probs = np.asarray(self.inner.predict(views), np.float32)
+        return probs.reshape(len(self.views), n, -1).mean(0)
 
     def warmup(self, max_batch: int = 1, frame_shapes=()) -> None:
         """The runtime meets batches of `views` x the frames: warm those sizes (frames are resized on the CPU
