@@ -52,7 +52,7 @@ from rich.console import Console  # noqa: E402
 from visiond.models.arch import build_model  # noqa: E402
 from visiond.models.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
 from visiond.models.onnx_runtime import OnnxClassifier  # noqa: E402
-from visiond.models.runtime import TorchClassifier  # noqa: E402
+from visiond.models.runtime import TorchClassifier, resolve_device  # noqa: E402
 from visiond.preprocess import PreprocessSpec, gpu_resize_uint8, stack_uint8  # noqa: E402
 
 console = Console(stderr=True)
@@ -151,8 +151,6 @@ def machine(plan: Plan, dry: bool) -> dict:
     out = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available(), "dry_run": dry,
            "cpu_cores": os.cpu_count()}
     if torch.cuda.is_available():
-        from visiond.models.runtime import resolve_device
-
         dev = resolve_device("auto")
         out |= {"device": str(dev), "gpu": torch.cuda.get_device_name(dev), "cuda": torch.version.cuda,
                 "gpu_memory_gb": round(torch.cuda.get_device_properties(dev).total_memory / 2**30, 1)}
@@ -180,7 +178,7 @@ def parity(plan: Plan, ckpts: dict[str, Checkpoint], device: str) -> dict:
                 row[f"max_prob_diff_{prec}"] = {"skipped": f"{prec} runs on CUDA only (the CPU keeps fp32)"}
                 continue
             row[f"max_prob_diff_{prec}"] = round(float(np.abs(clf.predict(x) - ref).max()), 5)
-        dev = torch.device(TorchClassifier(ck, device, precision="fp32", threads=0).device)
+        dev = resolve_device(device)
         on_dev = gpu_resize_uint8([torch.from_numpy(f).to(dev) for f in frames], ck.spec).cpu().numpy()
         row["gpu_resize_max_level_diff"] = int(np.abs(on_dev.astype(int) - x.astype(int)).max())
         rows.append(row)
@@ -305,8 +303,6 @@ def nvdec(plan: Plan, video: Path) -> dict:
 
 
 def amp_train_step(plan: Plan, device: str) -> dict:
-    from visiond.models.runtime import resolve_device
-
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
     arch = "resnet18"

@@ -194,20 +194,16 @@ def gpu_resize_uint8(frames: Sequence[torch.Tensor], spec: PreprocessSpec) -> to
     first = hwc[0]
     out = torch.empty((len(hwc), spec.height, spec.width, spec.channels), dtype=torch.uint8, device=first.device)
     for idx in groups.values():
-        batch = torch.stack([hwc[i] for i in idx])
+        batch = torch.stack([hwc[i][..., :3] for i in idx])  # BGRA: the alpha is never converted
         x = batch.permute(0, 3, 1, 2).float()
-        if x.shape[1] == 4:
-            x = x[:, :3]
         y = torch.nn.functional.interpolate(x, size=(spec.height, spec.width), mode=mode,
                                             align_corners=False if mode == "bilinear" else None)
-        if spec.color == "gray":
-            if y.shape[1] == 3:  # BGR weights, as cv2.COLOR_BGR2GRAY
-                y = (y[:, 0:1] * 0.114 + y[:, 1:2] * 0.587 + y[:, 2:3] * 0.299)
-        elif y.shape[1] == 1:
-            y = y.expand(-1, 3, -1, -1)
-        else:
-            y = y.flip(1)  # BGR -> RGB
-        y = y.round().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # expand: no in-place round
+        if spec.color == "gray" and y.shape[1] == 3:  # BGR weights, as cv2.COLOR_BGR2GRAY
+            y = y[:, 0:1] * 0.114 + y[:, 1:2] * 0.587 + y[:, 2:3] * 0.299
+        y = y.round_().clamp_(0, 255).to(torch.uint8)  # y is fresh here; the channel moves below run on bytes
+        if spec.color != "gray":
+            y = y.expand(-1, 3, -1, -1) if y.shape[1] == 1 else y.flip(1)  # grey -> 3 channels; BGR -> RGB
+        y = y.permute(0, 2, 3, 1)
         if len(idx) == len(frames):
             out.copy_(y)
         else:

@@ -7,7 +7,7 @@ daemon's runtime as a CNN, so a user sees exactly what the CNN buys over them. T
 vote fractions: softmax turns it back into the fraction of the k neighbours that voted for each class.
 
 Distances and kernels are computed in fp32 even when the caller runs the model under fp16/bf16 autocast
-(the daemon on CUDA does): in half precision, |x|^2 - 2 x.y + |y|^2 loses the small differences that
+(training and evaluation on CUDA do): in half precision, |x|^2 - 2 x.y + |y|^2 loses the small differences that
 decide which neighbours are nearest, and the baseline's answer would change with the device.
 """
 
