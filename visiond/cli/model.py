@@ -16,11 +16,11 @@ def _logging() -> None:
     setup_logging("info")
 
 
-def _csv(value: str | None) -> tuple[str, ...]:
+def comma_list(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
 
-def _given_on_command_line(ctx: typer.Context) -> set[str]:
+def given_on_command_line(ctx: typer.Context) -> set[str]:
     """The command's parameters the user typed (or set by environment), not left at their defaults."""
     return {name for name in ctx.params
             if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
@@ -91,12 +91,12 @@ def train(
         warmup_epochs=warmup_epochs, backbone_lr=backbone_lr, grad_clip=grad_clip, ema=ema, batchnorm=batchnorm,
         class_weights=class_weights, early_stop=early_stop, monitor=monitor, augment=augment or DEFAULT_PRESET,
         resume=resume, init_from=init_from, seed=seed, device=device, workers=workers,
-        defect_classes=_csv(defect_classes), knn_k=knn_k, progress=progress, name=name, svm_kernel=svm_kernel,
+        defect_classes=comma_list(defect_classes), knn_k=knn_k, progress=progress, name=name, svm_kernel=svm_kernel,
         svm_c=svm_c, svm_max_train=svm_max_train)
     if options is not None:
         from visiond.train.options_file import apply_options_file
 
-        opts = apply_options_file(opts, options, _given_on_command_line(ctx))
+        opts = apply_options_file(opts, options, given_on_command_line(ctx))
     result = run_training(opts)
     if result.is_main and result.best_metrics:
         figures = ", ".join(f"{k} {v:.4f}" for k, v in result.best_metrics.items() if isinstance(v, float))
@@ -121,7 +121,7 @@ def evaluate(
 
     _logging()
     report = evaluate_checkpoint(EvaluateOptions(
-        checkpoint=checkpoint, dataset=dataset, split=split, out=out, defect_classes=_csv(defect_classes),
+        checkpoint=checkpoint, dataset=dataset, split=split, out=out, defect_classes=comma_list(defect_classes),
         target_recall=target_recall, write_threshold=write_threshold, device=device, batch_size=batch_size,
         tta=tta))
     m = report.metrics

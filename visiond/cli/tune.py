@@ -6,16 +6,13 @@ from pathlib import Path
 
 import typer
 
+from visiond.cli.model import comma_list, given_on_command_line
 from visiond.errors import UserError
-
-
-def _csv(value: str | None) -> tuple[str, ...]:
-    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
 
 def _ints(flag: str, value: str | None) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in _csv(value))
+        return tuple(int(v) for v in comma_list(value))
     except ValueError:
         raise UserError(f"{flag} {value!r}: expected comma-separated whole numbers, e.g. 32,48,64") from None
 
@@ -30,12 +27,6 @@ def _lr_range(value: str | None) -> tuple[float, float]:
     except ValueError:
         raise UserError(f"--lr-range {value!r}: expected LOW,HIGH, e.g. 1e-4,3e-3") from None
     return lo, hi
-
-
-def _given_on_command_line(ctx: typer.Context) -> set[str]:
-    """The command's parameters the user typed (or set by environment), not left at their defaults."""
-    return {name for name in ctx.params
-            if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
 
 
 def tune(
@@ -82,11 +73,11 @@ def tune(
     fixed = dict(early_stop=early_stop, batch_size=batch_size, grayscale=grayscale, weights=weights, monitor=monitor,
                  seed=seed, device=device)
     if base is not None:  # the file's value where the flag was left at its default
-        given = _given_on_command_line(ctx)
+        given = given_on_command_line(ctx)
         fixed = {k: v if k in given else getattr(base, k) for k, v in fixed.items()}
     result = run_tune(TuneOptions(
-        data=dataset, out=out, budget_s=parse_budget(budget), archs=_csv(archs), sizes=_ints("--sizes", sizes),
-        augments=_csv(augments), lr_min=lo, lr_max=hi, min_epochs=min_epochs, max_epochs=max_epochs,
+        data=dataset, out=out, budget_s=parse_budget(budget), archs=comma_list(archs), sizes=_ints("--sizes", sizes),
+        augments=comma_list(augments), lr_min=lo, lr_max=hi, min_epochs=min_epochs, max_epochs=max_epochs,
         max_trials=max_trials, progress=progress, base=base, **fixed))
     counts = {s: sum(r["state"] == s for r in result.trials) for s in ("complete", "pruned", "cut", "failed")}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)

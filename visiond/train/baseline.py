@@ -24,6 +24,7 @@ from visiond.preprocess import Normalizer, PreprocessSpec
 from visiond.train.data import ImageDataset, load_splits
 from visiond.train.engine import TrainableModel, evaluate
 from visiond.train.options import TrainOptions, TrainResult
+from visiond.train.progress import stderr_progress
 from visiond.train.recipe import (
     Processes,
     checkpoint_meta,
@@ -52,16 +53,30 @@ def _inputs(ds: ImageDataset, idx) -> torch.Tensor:
     return torch.from_numpy(np.stack([ds.image_hwc(int(i)) for i in idx]))
 
 
-def fit_knn(ds: ImageDataset, spec: PreprocessSpec, num_classes: int, k: int, limit: int, seed: int) -> PixelKNN:
+def _extract(features, ds: ImageDataset, idx, spec: PreprocessSpec, device: torch.device, what: str,
+             progress: bool, batch: int = 256) -> torch.Tensor:
+    """Raw features of the images at `idx`, normalised as at serving time, on the CPU in fp32."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    norm, out = Normalizer(spec).to(device), []
+    bar = stderr_progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          enabled=progress, transient=True)
+    with bar, torch.inference_mode():
+        task = bar.add_task(what, total=len(idx))
+        for start in range(0, len(idx), batch):
+            x = _inputs(ds, idx[start:start + batch]).to(device)
+            out.append(features(norm(x)).float().cpu())
+            bar.update(task, advance=min(batch, len(idx) - start))
+    return torch.cat(out)
+
+
+def fit_knn(ds: ImageDataset, spec: PreprocessSpec, num_classes: int, k: int, limit: int, seed: int,
+            progress: bool = False) -> PixelKNN:
     """Pool and store the training images, normalised exactly as at serving time."""
     idx = _subsample(ds.labels, limit, seed)
-    norm = Normalizer(spec)
     model = PixelKNN(num_classes, spec.channels, spec.height, k=k, n_train=len(idx))
-    feats = []
-    with torch.inference_mode():
-        for start in range(0, len(idx), 512):
-            feats.append(model.features(norm(_inputs(ds, idx[start:start + 512]))))
-    return model.fit(torch.cat(feats), torch.from_numpy(ds.labels[idx]))
+    feats = _extract(model.features, ds, idx, spec, torch.device("cpu"), "pooled pixels (train)", progress, batch=512)
+    return model.fit(feats, torch.from_numpy(ds.labels[idx]))
 
 
 def train_knn(opts: TrainOptions, procs: Processes) -> TrainResult:
@@ -76,7 +91,7 @@ def train_knn(opts: TrainOptions, procs: Processes) -> TrainResult:
     opts = dataclasses.replace(opts, image_size=spec.height, grayscale=spec.color == "gray")  # as recorded
     train_ds = ImageDataset(splits.root, splits.train, splits.classes, spec)
     val_ds = ImageDataset(splits.root, splits.val or splits.train, splits.classes, spec)
-    net = fit_knn(train_ds, spec, len(splits.classes), opts.knn_k, opts.knn_max_train, opts.seed)
+    net = fit_knn(train_ds, spec, len(splits.classes), opts.knn_k, opts.knn_max_train, opts.seed, opts.progress)
     loader = torch.utils.data.DataLoader(val_ds, batch_size=256)
     val = evaluate(TrainableModel(net, spec), loader, torch.device("cpu"), splits.classes)
     row = {"epoch": 1, "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
@@ -130,24 +145,6 @@ def _check_svm(opts: TrainOptions, procs: Processes) -> None:
         raise UserError(f"--svm-c {opts.svm_c}: expected > 0")
     if opts.svm_max_train < 2:
         raise UserError(f"--svm-max-train {opts.svm_max_train}: expected >= 2 images")
-
-
-def _extract(features, ds: ImageDataset, idx, spec: PreprocessSpec, device: torch.device, what: str,
-             progress: bool, batch: int = 256) -> torch.Tensor:
-    """Raw features of the images at `idx`, normalised as at serving time, on the CPU in fp32."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    norm, out = Normalizer(spec).to(device), []
-    bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=Console(stderr=True), disable=not progress, transient=True)
-    with bar, torch.inference_mode():
-        task = bar.add_task(what, total=len(idx))
-        for start in range(0, len(idx), batch):
-            x = _inputs(ds, idx[start:start + batch]).to(device)
-            out.append(features(norm(x)).float().cpu())
-            bar.update(task, advance=min(batch, len(idx) - start))
-    return torch.cat(out)
 
 
 def _fit_sklearn(x: np.ndarray, y: np.ndarray, num_classes: int, kernel: str, c: float, seed: int) -> dict:

@@ -35,8 +35,9 @@ from visiond.data.augment import PRESETS
 from visiond.errors import UserError
 from visiond.models.arch import ARCHITECTURES
 from visiond.train.data import load_splits
-from visiond.train.options import MONITORS, TrainOptions
+from visiond.train.options import BASELINES, TrainOptions
 from visiond.train.options_file import options_yaml
+from visiond.train.progress import stderr_progress
 from visiond.train.recipe import last_path_for, run_dir_for
 
 log = logging.getLogger(__name__)
@@ -123,9 +124,9 @@ def _resolve_space(opts: TuneOptions) -> tuple[tuple[str, ...], tuple[int, ...],
     else:
         cuda = opts.device.startswith("cuda") or (opts.device == "auto" and torch.cuda.is_available())
         archs = tuple(opts.archs) or (CUDA_ARCHS if cuda else CPU_ARCHS)
-    bad = [a for a in archs if a not in ARCHITECTURES or a in ("knn", "svm")]
+    valid = [a for a in ARCHITECTURES if a not in BASELINES]
+    bad = [a for a in archs if a not in valid]
     if bad:
-        valid = [a for a in ARCHITECTURES if a not in ("knn", "svm")]
         raise UserError(f"--archs {','.join(bad)}: expected some of {', '.join(valid)}")
     sizes = tuple(opts.sizes) or (WEIGHTS_SIZES if opts.weights else SIZES)
     if any(not 8 <= s <= 4096 for s in sizes):
@@ -144,8 +145,6 @@ def _resolve_space(opts: TuneOptions) -> tuple[tuple[str, ...], tuple[int, ...],
         raise UserError(f"--min-epochs {opts.min_epochs}: expected 1..--max-epochs ({opts.max_epochs})")
     if not 0 < opts.lr_min <= opts.lr_max:
         raise UserError(f"--lr-range {opts.lr_min:g},{opts.lr_max:g}: expected 0 < low <= high")
-    if opts.monitor not in MONITORS:
-        raise UserError(f"--monitor {opts.monitor!r}: expected one of {', '.join(MONITORS)}")
     return archs, sizes, augments, lo
 
 
@@ -187,35 +186,29 @@ class _View:
     """The progress view: a bar over the budget, the running trial, the best so far and the time left."""
 
     def __init__(self, enabled: bool, budget_s: float, dataset: str):
-        self.progress = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn
+        from rich.progress import BarColumn, TextColumn
 
-            self.progress = Progress(TextColumn("[bold]tune[/bold] {task.fields[head]}"), BarColumn(),
-                                     TextColumn("{task.fields[left]} left of {task.fields[budget]}"),
-                                     console=Console(stderr=True), transient=False)
-            self.task = self.progress.add_task("tune", total=budget_s, head=dataset, left=_fmt_s(budget_s),
-                                               budget=_fmt_s(budget_s))
+        self.progress = stderr_progress(TextColumn("[bold]tune[/bold] {task.fields[head]}"), BarColumn(),
+                                        TextColumn("{task.fields[left]} left of {task.fields[budget]}"),
+                                        enabled=enabled)
+        self.task = self.progress.add_task("tune", total=budget_s, head=dataset, left=_fmt_s(budget_s),
+                                           budget=_fmt_s(budget_s))
 
     def __enter__(self) -> "_View":
-        if self.progress is not None:
-            self.progress.start()
+        self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+        self.progress.stop()
 
     def update(self, elapsed: float, left: float, head: str) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=elapsed, left=_fmt_s(left), head=head)
+        self.progress.update(self.task, completed=elapsed, left=_fmt_s(left), head=head)
 
     def say(self, text: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(text, highlight=False, markup=False)
-        else:
+        if self.progress.disable:
             log.info("%s", text)
+        else:
+            self.progress.console.print(text, highlight=False, markup=False)
 
 
 def _describe(params: dict) -> str:
