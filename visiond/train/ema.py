@@ -25,9 +25,10 @@ class ModelEMA:
         self.module = copy.deepcopy(net).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
-        mine = self.module.state_dict()
+        mine = self.module.state_dict()  # its tensors are the module's own: updated in place, never replaced
         self._float_keys = [k for k, v in mine.items() if v.dtype.is_floating_point]
         self._other_keys = [k for k, v in mine.items() if not v.dtype.is_floating_point]
+        self._floats, self._others = [mine[k] for k in self._float_keys], [mine[k] for k in self._other_keys]
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
@@ -35,11 +36,10 @@ class ModelEMA:
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
         self.updates += 1
-        d = self.current_decay()
-        mine, src = self.module.state_dict(), net.state_dict(keep_vars=True)
-        torch._foreach_lerp_([mine[k] for k in self._float_keys], [src[k].detach() for k in self._float_keys], 1 - d)
-        for k in self._other_keys:
-            mine[k].copy_(src[k])
+        src = net.state_dict(keep_vars=True)
+        torch._foreach_lerp_(self._floats, [src[k].detach() for k in self._float_keys], 1 - self.current_decay())
+        for mine, k in zip(self._others, self._other_keys):
+            mine.copy_(src[k])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

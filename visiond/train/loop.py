@@ -154,7 +154,7 @@ def _prepare(opts: TrainOptions, procs: recipe.Processes) -> _Run:
                  opts.resolved_weight_decay(), recipe.warmup_steps(opts, len(loaders[1])), opts.scheduler,
                  opts.label_smoothing, opts.grad_clip or "off", opts.ema or "off",
                  "frozen" if opts.batchnorm_frozen() else "trained", opts.augment)
-    eval_model = TrainableModel(ema.module, spec, channels_last=True) if ema is not None else model
+    eval_model = TrainableModel(ema.module, spec, channels_last=True).to(procs.device) if ema is not None else model
     return _Run(opts, procs, splits, spec, net, arch_args, model, ddp,
                 nn.CrossEntropyLoss(weight=weight, label_smoothing=opts.label_smoothing), optimizer, scheduler,
                 scaler, EarlyStopping(opts.early_stop, resume.info["early_stop"] if resume else None),
