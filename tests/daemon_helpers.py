@@ -44,6 +44,17 @@ class Daemon(DaemonProcess):
         super().__init__(tmp, cfg, env=env)
 
 
+def run_to_end(tmp: Path, cfg: dict, timeout: float = 120) -> Daemon:
+    """`visiond run` on sources that end (files): waits until it stops on its own, failing with its stderr
+    unless it exits 0; the stopped Daemon is returned for its stderr and spool."""
+    d = Daemon(tmp, cfg)
+    try:
+        assert d.wait(timeout) == 0, d.stderr[-3000:]
+    finally:
+        d.close()
+    return d
+
+
 def wait_offline(rec, timeout: float, node: str = "testbox") -> None:
     """Until the recorder has seen the node's `offline` status (the daemon's clean stop)."""
     topic = f"visiond/{node}/status"

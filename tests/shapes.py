@@ -11,7 +11,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from visiond.data.manifest import Sample, add_image, write_manifest
+from visiond.data.manifest import Sample, add_image, read_manifest, write_manifest
+from visiond.data.split import split_dataset
 
 CLASSES = ("circle", "square", "triangle")
 
@@ -47,3 +48,11 @@ def make_shapes_dataset(dataset_dir: str | Path, per_class: int = 30, size: int 
             samples.append(add_image(dataset_dir, draw_shape(kind, size, rng), kind, source="shapes", extra=extra))
     write_manifest(dataset_dir, samples)
     return samples
+
+
+def make_split_shapes_dataset(dataset_dir: str | Path, per_class: int = 30, size: int = 32, seed: int = 0,
+                              fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> Path:
+    """A shapes dataset split train/val/test by `fractions` (split seed 0), as the training tests use it."""
+    make_shapes_dataset(dataset_dir, per_class=per_class, size=size, seed=seed)
+    write_manifest(dataset_dir, split_dataset(read_manifest(dataset_dir), *fractions, seed=0))
+    return Path(dataset_dir)

@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 
 from conftest import free_port
-from daemon_helpers import Daemon, line_cfg, metric_value, schema_validator, wait_offline
+from daemon_helpers import Daemon, line_cfg, metric_value, run_to_end, schema_validator, wait_offline
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
@@ -21,14 +21,8 @@ def test_file_source_gives_one_message_per_frame_in_order_matching_truth(runtime
     # given a subscriber and the daemon on a 300-frame line video, with either model runtime
     rec = mqtt_recorder("visiond/#")
     cam = {"name": "line1", "source": str(synth_video.path), "roi": list(synth_video.roi)}
-    cfg = line_cfg(line_model, mosquitto, [cam])
-    cfg["model"]["runtime"] = runtime
-    d = Daemon(tmp_path, cfg)
-    try:
-        # when the file has been read, the daemon ends on its own
-        assert d.wait(120) == 0, d.stderr[-3000:]
-    finally:
-        d.close()
+    # when the file has been read, the daemon ends on its own
+    run_to_end(tmp_path, line_cfg(line_model, mosquitto, [cam], model={"runtime": runtime}))
     wait_offline(rec, 10)
     preds = rec.json_payloads("/prediction")
     # then exactly one message per frame, seq gapless and in order, each valid against the schema

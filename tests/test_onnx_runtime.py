@@ -19,6 +19,19 @@ def ckpt_path(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("onnxrt") / "m.ckpt", "smallcnn", 48)
 
 
+def random_frames(n: int, seed: int = 3) -> list[np.ndarray]:
+    """n stand-ins for decoded frames, 120 x 90 BGR (any size: every runtime resizes by the checkpoint's spec)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (120, 90, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def first_export(ckpt, runtime: str, cache):
+    """A first load of `ckpt` on `runtime` (an ONNX one), which exports: the cache file and its mtime."""
+    make_classifier(ckpt, runtime=runtime, cache_dir=cache)
+    exported = cache / f"{ckpt.version}.onnx"
+    return exported, exported.stat().st_mtime_ns
+
+
 def test_onnxruntime_serves_the_same_probabilities_as_torch(ckpt_path, tmp_path):
     # given a checkpoint served by onnxruntime and by torch
     ckpt = load_checkpoint(ckpt_path)
@@ -26,8 +39,7 @@ def test_onnxruntime_serves_the_same_probabilities_as_torch(ckpt_path, tmp_path)
     torch_clf = TorchClassifier(ckpt, device="cpu", precision="fp32")
     assert ort_clf.runtime == "onnxruntime" and ort_clf.version == ckpt.version and ort_clf.device == "cpu"
     # when both classify the same decoded frames (any size: each resizes by the checkpoint's spec)
-    rng = np.random.default_rng(3)
-    frames = [rng.integers(0, 256, (120, 90, 3), dtype=np.uint8) for _ in range(7)]
+    frames = random_frames(7)
     got, want = ort_clf.predict_images(frames), torch_clf.predict_images(frames)
     # then the probabilities agree, so every verdict is the same
     assert got.shape == (7, 3) and got.dtype == np.float32
@@ -40,9 +52,7 @@ def test_the_export_is_cached_by_model_version_and_a_stale_or_corrupt_cache_is_r
     ckpt = load_checkpoint(ckpt_path)
     cache = tmp_path / "models"
     # given a first load, which exports
-    make_classifier(ckpt, runtime="onnxruntime", cache_dir=cache)
-    exported = cache / f"{ckpt.version}.onnx"
-    stamp = exported.stat().st_mtime_ns
+    exported, stamp = first_export(ckpt, "onnxruntime", cache)
     # when the same version loads again (a restart), then the cached file is used as is, at once
     t0 = time.monotonic()
     make_classifier(ckpt, runtime="onnxruntime", cache_dir=cache)

@@ -11,8 +11,9 @@ import numpy as np
 import onnx
 import pytest
 
-from daemon_helpers import Daemon, line_cfg, wait_offline
+from daemon_helpers import line_cfg, run_to_end, wait_offline
 from test_export import make_checkpoint
+from test_onnx_runtime import first_export, random_frames
 from visiond.config import ConfigError, parse_config
 from visiond.models.checkpoint import load_checkpoint
 from visiond.models.openvino_runtime import CPU_AUTO_RUNTIME, auto_runtime
@@ -22,11 +23,6 @@ from visiond.models.runtime import TorchClassifier, make_classifier
 @pytest.fixture(scope="module")
 def ckpt_path(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("openvino") / "m.ckpt", "smallcnn", 48)
-
-
-def _frames(n: int, seed: int = 3) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (120, 90, 3), dtype=np.uint8) for _ in range(n)]
 
 
 @pytest.mark.parametrize("arch,size,color", [("smallcnn", 48, "rgb"), ("smallcnn", 32, "gray"),
@@ -41,7 +37,7 @@ def test_openvino_serves_the_same_probabilities_as_torch(arch, size, color, tmp_
     ov_clf.warmup(8)
     # when both classify the same decoded frames (any size: each resizes by the checkpoint's spec),
     # in batches of sizes the export never saw
-    frames = _frames(7)
+    frames = random_frames(7)
     for batch in (frames, frames[:2], frames[:5]):
         got, want = ov_clf.predict_images(batch), torch_clf.predict_images(batch)
         # then the probabilities agree (the export's own tolerance), so every verdict is the same
@@ -55,9 +51,7 @@ def test_the_export_is_cached_by_model_version_and_shared_with_onnxruntime(ckpt_
     ckpt = load_checkpoint(ckpt_path)
     cache = tmp_path / "models"
     # given a first load, which exports
-    make_classifier(ckpt, runtime="openvino", cache_dir=cache)
-    exported = cache / f"{ckpt.version}.onnx"
-    stamp = exported.stat().st_mtime_ns
+    exported, stamp = first_export(ckpt, "openvino", cache)
     # when the same version loads again (a restart), or onnxruntime loads it, then the file is used as is, at once
     for runtime in ("openvino", "onnxruntime"):
         t0 = time.monotonic()
@@ -77,9 +71,8 @@ def _warnings(caplog) -> list[str]:
 @pytest.mark.slow  # re-exports
 def test_a_broken_cache_file_is_said_in_one_line_and_exported_again(ckpt_path, tmp_path, caplog):
     ckpt = load_checkpoint(ckpt_path)
-    cache = tmp_path / "models"
-    make_classifier(ckpt, runtime="openvino", cache_dir=cache)
-    exported = cache / f"{ckpt.version}.onnx"
+    exported, _ = first_export(ckpt, "openvino", tmp_path / "models")
+    cache = exported.parent
     x = np.random.default_rng(5).integers(0, 256, (4, 48, 48, 3), dtype=np.uint8)
     want = TorchClassifier(ckpt, device="cpu", precision="fp32").predict(x)
     # given a cache file that still names this version but whose weights were damaged (bit rot, a bad copy)
@@ -148,14 +141,8 @@ def test_a_daemon_with_runtime_openvino_publishes_the_line_as_torch_classifies_i
     # given a subscriber and the daemon on the 300-frame line video, its model on openvino
     rec = mqtt_recorder("visiond/#")
     cam = {"name": "line1", "source": str(synth_video.path), "roi": list(synth_video.roi)}
-    cfg = line_cfg(line_model, mosquitto, [cam])
-    cfg["model"]["runtime"] = "openvino"
-    d = Daemon(tmp_path, cfg)
-    try:
-        # when the file has been read, the daemon ends on its own
-        assert d.wait(180) == 0, d.stderr[-3000:]
-    finally:
-        d.close()
+    # when the file has been read, the daemon ends on its own
+    d = run_to_end(tmp_path, line_cfg(line_model, mosquitto, [cam], model={"runtime": "openvino"}), 180)
     wait_offline(rec, 10)
     preds = rec.json_payloads("/prediction")
     # then one message per frame, in order, and the labels match the line's ground truth

@@ -19,10 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torchvision
 
-from shapes import make_shapes_dataset
+from shapes import make_split_shapes_dataset
 from visiond.data.augment import DEFAULT_PRESET, build_augmentation
-from visiond.data.manifest import read_manifest, write_manifest
-from visiond.data.split import split_dataset
 from visiond.models.arch import SmallCNN, SmallCNNv2, build_model
 from visiond.models.checkpoint import load_checkpoint
 from visiond.preprocess import PreprocessSpec
@@ -37,10 +35,7 @@ from visiond.train.state import ResumeState
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shapes")
-    make_shapes_dataset(root, per_class=30, size=32, seed=4)
-    write_manifest(root, split_dataset(read_manifest(root), 0.6, 0.2, 0.2, seed=0))
-    return root
+    return make_split_shapes_dataset(tmp_path_factory.mktemp("shapes"), per_class=30, size=32, seed=4)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from daemon_helpers import Daemon, line_cfg, schema_validator, wait_offline
+from daemon_helpers import Daemon, line_cfg, run_to_end, schema_validator, wait_offline
 from loop_helpers import model_without_spot, publish, visiond, wait_until  # noqa: F401 (fixture)
 from test_hot_swap import resaved
 from visiond.frames import Frame, ModelRef, Prediction, Timings
@@ -40,12 +40,8 @@ def test_shadow_of_the_same_weights_agrees_on_every_frame(tmp_path, mosquitto, m
     cam = {"name": "line1", "source": str(synth_video.path), "roi": list(synth_video.roi), "fps": 100}
     cfg = line_cfg(line_model, mosquitto, [cam],
                    model={"shadow": str(tmp_path / "candidate.ckpt"), "shadow_interval_s": 1})
-    d = Daemon(tmp_path, cfg)
-    try:
-        # when the 300-frame video has been classified and the daemon has stopped on its own
-        assert d.wait(120) == 0, d.stderr[-3000:]
-    finally:
-        d.close()
+    # when the 300-frame video has been classified and the daemon has stopped on its own
+    run_to_end(tmp_path, cfg)
     wait_offline(rec, 20)
     preds = rec.json_payloads("/prediction")
     reports = _reports(rec)

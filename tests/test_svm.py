@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from sklearn.svm import SVC, LinearSVC
 
-from shapes import CLASSES, make_shapes_dataset
-from visiond.data.manifest import add_image, read_manifest, write_manifest
+from shapes import CLASSES, make_split_shapes_dataset
+from visiond.data.manifest import add_image, write_manifest
 from visiond.data.split import split_dataset
 from visiond.errors import UserError
 from visiond.models.arch import imagenet_model
@@ -25,10 +25,7 @@ from visiond.train.loop import TrainOptions, train
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("svm-shapes")
-    make_shapes_dataset(root, per_class=60, size=32, seed=3)
-    write_manifest(root, split_dataset(read_manifest(root), 0.6, 0.2, 0.2, seed=0))
-    return root
+    return make_split_shapes_dataset(tmp_path_factory.mktemp("svm-shapes"), per_class=60, size=32, seed=3)
 
 
 def opts(data, out, **kw) -> TrainOptions:

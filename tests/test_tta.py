@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from daemon_helpers import Daemon, line_cfg, wait_offline
+from daemon_helpers import line_cfg, run_to_end, wait_offline
 from shapes import make_shapes_dataset
 from visiond.config import ConfigError, load_config
 from visiond.data.augment import PRESETS as TRAINING_PRESETS, AugmentConfig
@@ -138,12 +138,7 @@ def test_daemon_publishes_tta_scores(tmp_path, mosquitto, mqtt_recorder, synth_v
     path = _ckpt(tmp_path / "m.ckpt", "line", classes=("ok", "scratch", "spot"), size=32)
     rec = mqtt_recorder("visiond/#")
     cam = {"name": "line1", "source": str(synth_video.path), "roi": list(synth_video.roi)}
-    cfg = line_cfg(path, mosquitto, [cam], model={"tta": "flip"})
-    d = Daemon(tmp_path, cfg)
-    try:
-        assert d.wait(120) == 0, d.stderr[-3000:]
-    finally:
-        d.close()
+    run_to_end(tmp_path, line_cfg(path, mosquitto, [cam], model={"tta": "flip"}))
     wait_offline(rec, 10)
     # then every frame is published, and status/detail says the scores are TTA's
     assert len(rec.json_payloads("/prediction")) == len(synth_video.truth)

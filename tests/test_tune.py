@@ -14,10 +14,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from shapes import make_shapes_dataset
+from shapes import make_split_shapes_dataset
 from visiond.cli.app import app
-from visiond.data.manifest import read_manifest, write_manifest
-from visiond.data.split import split_dataset
+from visiond.data.manifest import read_manifest
 from visiond.errors import UserError
 from visiond.models.checkpoint import load_checkpoint, read_header
 from visiond.train.options import TrainOptions
@@ -41,10 +40,7 @@ sys.addaudithook(_hook)
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tune-shapes")
-    make_shapes_dataset(root, per_class=24, size=32, seed=2)
-    write_manifest(root, split_dataset(read_manifest(root), 0.6, 0.2, 0.2, seed=0))
-    return root
+    return make_split_shapes_dataset(tmp_path_factory.mktemp("tune-shapes"), per_class=24, size=32, seed=2)
 
 
 def test_budget_parses_like_a_person_writes_it():
