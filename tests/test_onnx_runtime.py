@@ -25,6 +25,13 @@ def random_frames(n: int, seed: int = 3) -> list[np.ndarray]:
     return [rng.integers(0, 256, (120, 90, 3), dtype=np.uint8) for _ in range(n)]
 
 
+def assert_same_verdicts(got: np.ndarray, want: np.ndarray, n: int) -> None:
+    """An ONNX runtime's probabilities for n frames against torch's: the export's tolerance, every verdict equal."""
+    assert got.shape == (n, want.shape[1]) and got.dtype == np.float32
+    assert np.abs(got - want).max() < 1e-4
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
 def first_export(ckpt, runtime: str, cache):
     """A first load of `ckpt` on `runtime` (an ONNX one), which exports: the cache file and its mtime."""
     make_classifier(ckpt, runtime=runtime, cache_dir=cache)
@@ -42,9 +49,8 @@ def test_onnxruntime_serves_the_same_probabilities_as_torch(ckpt_path, tmp_path)
     frames = random_frames(7)
     got, want = ort_clf.predict_images(frames), torch_clf.predict_images(frames)
     # then the probabilities agree, so every verdict is the same
-    assert got.shape == (7, 3) and got.dtype == np.float32
-    assert np.abs(got - want).max() < 1e-4
-    assert (got.argmax(1) == want.argmax(1)).all()
+    assert want.shape == (7, 3)
+    assert_same_verdicts(got, want, 7)
 
 
 @pytest.mark.slow  # three exports
@@ -72,19 +78,21 @@ def test_the_export_is_cached_by_model_version_and_a_stale_or_corrupt_cache_is_r
     assert np.abs(clf.predict(x) - TorchClassifier(ckpt, device="cpu").predict(x)).max() < 1e-4
 
 
-def test_when_onnx_cannot_be_used_the_model_is_served_by_torch_with_a_warning(ckpt_path, tmp_path, caplog):
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_when_an_onnx_runtime_cannot_be_used_the_model_is_served_by_torch_with_a_warning(ckpt_path, tmp_path, caplog,
+                                                                                       runtime):
     # given a cache location that cannot be written (a file sits where the directory should be)
     blocked = tmp_path / "models"
     blocked.write_text("not a directory")
-    # when the daemon asks for onnxruntime
+    # when the daemon asks for onnxruntime or openvino
     with caplog.at_level(logging.WARNING, logger="visiond.models.runtime"):
-        clf = make_classifier(load_checkpoint(ckpt_path), runtime="onnxruntime", cache_dir=blocked)
+        clf = make_classifier(load_checkpoint(ckpt_path), runtime=runtime, cache_dir=blocked)
     # then the model is still served, by torch, and the log says why in one line
     assert clf.runtime == "torch"
-    x = np.zeros((2, 48, 48, 3), np.uint8)
-    assert clf.predict(x).shape == (2, 3)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "cannot run smallcnn" in warnings[0] and "serving it with torch" in warnings[0]
+    assert clf.predict(np.zeros((2, 48, 48, 3), np.uint8)).shape == (2, 3)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 1 and "cannot run smallcnn" in said[0] and f"with {runtime}" in said[0]
+    assert "serving it with torch" in said[0] and "\n" not in said[0]
 
 
 def test_onnxruntime_on_a_cuda_device_is_a_config_error(ckpt_path):

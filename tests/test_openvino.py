@@ -13,7 +13,7 @@ import pytest
 
 from daemon_helpers import line_cfg, run_to_end, wait_offline
 from test_export import make_checkpoint
-from test_onnx_runtime import first_export, random_frames
+from test_onnx_runtime import assert_same_verdicts, first_export, random_frames
 from visiond.config import ConfigError, parse_config
 from visiond.models.checkpoint import load_checkpoint
 from visiond.models.openvino_runtime import CPU_AUTO_RUNTIME, auto_runtime
@@ -41,9 +41,8 @@ def test_openvino_serves_the_same_probabilities_as_torch(arch, size, color, tmp_
     for batch in (frames, frames[:2], frames[:5]):
         got, want = ov_clf.predict_images(batch), torch_clf.predict_images(batch)
         # then the probabilities agree (the export's own tolerance), so every verdict is the same
-        assert got.shape == (len(batch), 3) and got.dtype == np.float32
-        assert np.abs(got - want).max() < 1e-4
-        assert (got.argmax(1) == want.argmax(1)).all()
+        assert want.shape == (len(batch), 3)
+        assert_same_verdicts(got, want, len(batch))
 
 
 @pytest.mark.slow  # two exports
@@ -95,21 +94,6 @@ def test_a_broken_cache_file_is_said_in_one_line_and_exported_again(ckpt_path, t
     said = _warnings(caplog)
     assert len(said) == 1 and str(exported) in said[0] and "not an export of" in said[0], said
     assert clf.runtime == "openvino" and np.abs(clf.predict(x) - want).max() < 1e-4
-
-
-def test_when_openvino_cannot_be_used_the_model_is_served_by_torch_with_a_warning(ckpt_path, tmp_path, caplog):
-    # given a cache location that cannot be written (a file sits where the directory should be)
-    blocked = tmp_path / "models"
-    blocked.write_text("not a directory")
-    # when the daemon asks for openvino
-    with caplog.at_level(logging.WARNING, logger="visiond.models.runtime"):
-        clf = make_classifier(load_checkpoint(ckpt_path), runtime="openvino", cache_dir=blocked)
-    # then the model is still served, by torch, and the log says why in one line
-    assert clf.runtime == "torch"
-    assert clf.predict(np.zeros((2, 48, 48, 3), np.uint8)).shape == (2, 3)
-    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(said) == 1 and "cannot run smallcnn" in said[0] and "with openvino" in said[0]
-    assert "serving it with torch" in said[0] and "\n" not in said[0]
 
 
 def test_auto_is_torch_on_cuda_and_the_measured_runtime_on_a_cpu(ckpt_path, tmp_path):

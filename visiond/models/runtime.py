@@ -324,22 +324,16 @@ def make_classifier(ckpt: Checkpoint, *, runtime: str = "torch", device: str = "
         from visiond.models.openvino_runtime import auto_runtime
 
         runtime = auto_runtime(device)
-    if runtime == "openvino":
-        from visiond.models.openvino_runtime import OpenVinoClassifier
-
+    if runtime in ("onnxruntime", "openvino"):  # both serve the ONNX export cached per model version
         if cache_dir is None:
-            raise ValueError("the openvino runtime needs a cache directory for the exported model")
+            raise ValueError(f"the {runtime} runtime needs a cache directory for the exported model")
         try:
-            return OpenVinoClassifier(ckpt, cache_dir, threads=threads)
-        except CheckpointError as exc:
-            log.warning("%s; serving it with torch instead", exc)
-        runtime = "torch"
-    if runtime == "onnxruntime":
-        from visiond.models.onnx_runtime import OnnxClassifier
+            if runtime == "openvino":
+                from visiond.models.openvino_runtime import OpenVinoClassifier
 
-        if cache_dir is None:
-            raise ValueError("the onnxruntime runtime needs a cache directory for the exported model")
-        try:
+                return OpenVinoClassifier(ckpt, cache_dir, threads=threads)
+            from visiond.models.onnx_runtime import OnnxClassifier
+
             return OnnxClassifier(ckpt, cache_dir, threads=threads, device=device)
         except CheckpointError as exc:
             log.warning("%s; serving it with torch instead", exc)
