@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 import torchvision
 
 from shapes import make_split_shapes_dataset
-from visiond.data.augment import DEFAULT_PRESET, build_augmentation
+from visiond.data.augment import DEFAULT_PRESET, build_augmentation, resolve_auto
 from visiond.models.arch import SmallCNN, SmallCNNv2, build_model
 from visiond.models.checkpoint import load_checkpoint
 from visiond.preprocess import PreprocessSpec
@@ -176,6 +176,8 @@ def test_the_moving_average_is_what_is_validated_and_saved(shapes, tmp_path):
     # and the validation figure of the best epoch is the saved model's on the validation split
     report = evaluate_checkpoint(EvaluateOptions(checkpoint=out, dataset=shapes, split="val", out=tmp_path / "e"))
     assert report.metrics["accuracy"] == pytest.approx(result.best_metrics["accuracy"])
+    # and the checkpoint names the augmentation `auto` chose for 18 images a class (what TTA reads), not `auto`
+    assert load_checkpoint(out).meta["train_options"]["augment"] == "safe"
 
 
 def test_moving_average_follows_the_weights_with_a_ramped_decay():
@@ -209,8 +211,19 @@ def test_small_batches_from_weights_keep_the_pretrained_batchnorm_statistics(sha
     assert not torch.equal(load_checkpoint(tmp_path / "t.ckpt").state_dict[key], state[key])
 
 
-def test_the_default_augmentation_is_the_safe_preset_without_vertical_flips():
-    assert DEFAULT_PRESET == "safe" and TrainOptions(data=".", out="m.ckpt").augment == "safe"
+def test_the_default_augmentation_is_safe_for_small_sets_and_none_where_every_class_has_thousands():
+    assert DEFAULT_PRESET == "auto" and TrainOptions(data=".", out="m.ckpt").augment == "auto"
+    # a plant's few hundred photos a class (or one rare defect among many good parts) get the safe preset
+    assert resolve_auto("auto", [240, 240, 240])[0] == "safe"
+    assert resolve_auto("auto", [50_000, 30])[0] == "safe"
+    # a set where even the smallest class has thousands (Fashion-MNIST: 5,400) trains on the images as they are
+    preset, why = resolve_auto("auto", [5400] * 10)
+    assert preset == "none" and "5400" in why
+    # a preset named on the command line is kept whatever the data
+    assert resolve_auto("safe", [5400] * 10) == ("safe", "")
+
+
+def test_the_safe_preset_never_flips_vertically():
     # given an image bright at the top and at the left
     spec = PreprocessSpec.for_color(32, "gray")
     x = torch.zeros((1, 32, 32), dtype=torch.uint8)

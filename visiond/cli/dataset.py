@@ -136,8 +136,9 @@ def stats_cmd(
 def augment_preview_cmd(
     dataset_dir: Path = typer.Argument(..., help="Dataset directory."),
     out: Path = typer.Option(..., "--out", help="PNG file to write."),
-    preset: str = typer.Option(None, help="Augmentation preset: safe (the training default) | trivial | none | "
-                                          "light | line | heavy."),
+    preset: str = typer.Option(None, help="Augmentation preset: auto (the training default: none from "
+                                          "2,000 training images in the smallest class, else safe) | safe | "
+                                          "trivial | none | light | line | heavy."),
     size: int = typer.Option(64, help="Model input size (square), as in training."),
     grayscale: bool = typer.Option(False, help="Grey input, as in training with --grayscale."),
     rows: int = typer.Option(8, help="How many sample images (rows)."),
@@ -152,11 +153,13 @@ def augment_preview_cmd(
         spec = PreprocessSpec.for_color(size, "gray" if grayscale else "rgb")
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    from visiond.data.augment import DEFAULT_PRESET
+    from visiond.data.augment import DEFAULT_PRESET, resolve_auto
+    from visiond.train.data import load_splits
+    from visiond.train.loop import class_counts
 
-    preset = preset or DEFAULT_PRESET
+    preset, why = resolve_auto(preset or DEFAULT_PRESET, class_counts(load_splits(dataset_dir)))
     path = augment_preview(dataset_dir, out, preset, spec, n=rows, seed=seed)
-    console.print(f"wrote {path} (preset {preset})")
+    console.print(f"wrote {path} (preset {preset}{f'; {why}' if why else ''})")
 
 
 def register(app: typer.Typer) -> None:

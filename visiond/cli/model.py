@@ -59,9 +59,10 @@ def train(
     label_smoothing: float = typer.Option(0.1, help="Label smoothing for the loss (0..1)."),
     early_stop: int = typer.Option(0, help="Stop after this many epochs without a better val metric (0 = off)."),
     monitor: str = typer.Option("macro_f1", help="Validation metric for the best checkpoint: macro_f1 or accuracy."),
-    augment: str = typer.Option(None, help="Augmentation preset: safe (default: no vertical flip, small turns "
-                                           "and crops, light jitter, erasing), trivial, none, light, line (fixed "
-                                           "camera over parts: flips both ways) or heavy."),
+    augment: str = typer.Option(None, help="Augmentation preset: auto (default: none when the smallest class "
+                                           "has 2,000+ training images, else safe), safe (no vertical flip, small "
+                                           "turns and crops, light jitter, erasing), trivial, none, light, line "
+                                           "(fixed camera over parts: flips both ways) or heavy."),
     resume: Path = typer.Option(None, help="Continue a run: its model.train/resume.safetensors, model.ckpt or dir."),
     init_from: Path = typer.Option(None, help="Fine-tune from a visiond checkpoint (new classes get new head rows)."),
     defect_classes: str = typer.Option(None, help="Comma-separated defect classes, stored in the checkpoint."),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -86,7 +86,30 @@ PRESETS: dict[str, AugmentConfig] = {
     "heavy": AugmentConfig(rotation=30, hflip=0.5, vflip=0.5, zoom=(0.6, 1.0), translate=0.15,
                            brightness=0.35, contrast=0.35),
 }
-DEFAULT_PRESET = "safe"
+AUTO_PRESET = "auto"  # the training default: chosen from the training split (`resolve_auto`)
+DEFAULT_PRESET = AUTO_PRESET
+SMALL_DATA_PRESET = "safe"
+# From this many training images in the smallest class, `auto` trains without augmentation: the data itself
+# shows the variation, every epoch costs ~35 % less on a CPU, and no invariance is assumed (safe assumes
+# left-right symmetry). Measured on Fashion-MNIST (5,400 a class, small CNN, 10 epochs): none 0.930 test
+# accuracy, safe 0.916, light 0.921 (README, "Training defaults").
+AUTO_NONE_FROM = 2000
+
+
+def preset_choices() -> tuple[str, ...]:
+    """Every name --augment takes: `auto`, then the presets."""
+    return (AUTO_PRESET, *PRESETS)
+
+
+def resolve_auto(preset: str, class_counts: Sequence[int]) -> tuple[str, str]:
+    """(preset, why): `auto` becomes `none` when the smallest class has at least AUTO_NONE_FROM training images,
+    else `safe`; any other name is kept (why is then empty)."""
+    if preset != AUTO_PRESET:
+        return preset, ""
+    smallest = min(class_counts, default=0)
+    if smallest >= AUTO_NONE_FROM:
+        return "none", f"auto: the smallest class has {smallest} training images, >= {AUTO_NONE_FROM}"
+    return SMALL_DATA_PRESET, f"auto: the smallest class has {smallest} training images, < {AUTO_NONE_FROM}"
 
 
 def resolve_config(cfg_or_preset: str | AugmentConfig) -> AugmentConfig:
@@ -157,9 +180,10 @@ def _pick_rows(samples: list[Sample], n: int, rng: random.Random) -> list[Sample
     return picked
 
 
-def augment_preview(dataset_dir: str | Path, out_png: str | Path, preset: str | AugmentConfig = DEFAULT_PRESET,
+def augment_preview(dataset_dir: str | Path, out_png: str | Path, preset: str | AugmentConfig = SMALL_DATA_PRESET,
                     spec: PreprocessSpec | None = None, n: int = 8, seed: int = 0, variants: int = 7) -> Path:
-    """A PNG grid showing what augmentation does: one row per sample, original then variants."""
+    """A PNG grid showing what augmentation does: one row per sample, original then variants (`preset`: a
+    preset's name or a config; `auto` is resolved by the caller, which knows the training split)."""
     from visiond.data.stats import contact_sheet_images  # drawing lives with the other sheets
 
     spec = spec or PreprocessSpec()

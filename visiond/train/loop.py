@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from visiond.data.augment import build_augmentation
+from visiond.data.augment import build_augmentation, resolve_auto
 from visiond.errors import UserError
 from visiond.models.checkpoint import load_checkpoint, save_checkpoint
 from visiond.preprocess import PreprocessSpec
@@ -33,6 +34,12 @@ from visiond.train.state import RESUME_NAME, ResumeState, resume_path_for, save_
 __all__ = ["TrainOptions", "TrainResult", "TrainableModel", "train_one_epoch", "evaluate", "load_data", "train"]
 
 log = logging.getLogger(__name__)
+
+
+def class_counts(splits: DataSplits) -> list[int]:
+    """Training images per class, in the model's class order."""
+    counts = Counter(s.label for s in splits.train)
+    return [counts.get(c, 0) for c in splits.classes]
 
 
 def load_data(opts: TrainOptions, splits: DataSplits, spec: PreprocessSpec) -> tuple[ImageDataset, ImageDataset]:
@@ -119,7 +126,9 @@ def _prepare(opts: TrainOptions, procs: recipe.Processes) -> _Run:
     known = resume.info["classes"] if resume else (list(init.classes) if init else None)
     splits = load_splits(opts.data, classes=known)  # fixed split seed: evaluate must see the same test set
     spec = PreprocessSpec.from_dict(resume.info["spec"]) if resume else recipe.preprocess_spec(opts, init, splits)
-    opts = dataclasses.replace(opts, image_size=spec.height, grayscale=spec.color == "gray")  # as recorded
+    augment, why = resolve_auto(opts.augment, class_counts(splits))
+    # as recorded in the checkpoint (TTA reads the augmentation the model was trained with)
+    opts = dataclasses.replace(opts, image_size=spec.height, grayscale=spec.color == "gray", augment=augment)
     recipe.seed_all(opts.seed)
     net, arch_args = recipe.build_network(opts, splits.classes, spec, init)
     if resume:
@@ -153,7 +162,7 @@ def _prepare(opts: TrainOptions, procs: recipe.Processes) -> _Run:
                  opts.optimizer, opts.resolved_lr(), f" (backbone x{opts.backbone_lr:g})" if opts.from_weights else "",
                  opts.resolved_weight_decay(), recipe.warmup_steps(opts, len(loaders[1])), opts.scheduler,
                  opts.label_smoothing, opts.grad_clip or "off", opts.ema or "off",
-                 "frozen" if opts.batchnorm_frozen() else "trained", opts.augment)
+                 "frozen" if opts.batchnorm_frozen() else "trained", f"{opts.augment} ({why})" if why else opts.augment)
     eval_model = TrainableModel(ema.module, spec, channels_last=True).to(procs.device) if ema is not None else model
     return _Run(opts, procs, splits, spec, net, arch_args, model, ddp,
                 nn.CrossEntropyLoss(weight=weight, label_smoothing=opts.label_smoothing), optimizer, scheduler,

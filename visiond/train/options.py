@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from visiond.config import NAME_PATTERN
-from visiond.data.augment import DEFAULT_PRESET, PRESETS
+from visiond.data.augment import DEFAULT_PRESET, preset_choices
 from visiond.errors import UserError
 from visiond.models.arch import ARCHITECTURES
 from visiond.train.data import CLASS_WEIGHTS
@@ -84,7 +84,7 @@ class TrainOptions:
         choices = {"arch": (self.arch, tuple(dict.fromkeys(ARCHITECTURES + BASELINES))),
                    "optimizer": (self.optimizer, OPTIMIZERS),
                    "scheduler": (self.scheduler, SCHEDULERS), "class-weights": (self.class_weights, CLASS_WEIGHTS),
-                   "monitor": (self.monitor, MONITORS), "augment": (self.augment, tuple(PRESETS)),
+                   "monitor": (self.monitor, MONITORS), "augment": (self.augment, preset_choices()),
                    "batchnorm": (self.batchnorm, BATCHNORM)}
         for opt, (value, valid) in choices.items():
             if value not in valid:
