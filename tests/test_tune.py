@@ -73,6 +73,11 @@ def test_tune_never_opens_the_test_split_and_its_best_options_reproduce(shapes, 
     # and the table, the plot, the best options and the best checkpoint are there
     rows = list(csv.DictReader(open(out / "trials.csv")))
     assert len(rows) == 2 and {r["state"] for r in rows} <= {"complete", "pruned"}
+    # and the first trial was what `visiond train` does by default, inside the search's bounds (10 epochs -> 2;
+    # `auto` augmentation -> safe for 14 training images a class)
+    first = rows[0]
+    assert (first["arch"], float(first["lr"]), first["image_size"], first["augment"], first["epochs"]) == \
+        ("smallcnn", 0.002, "32", "safe", "2")
     assert (out / "trials.png").stat().st_size > 0
     best = max((r for r in rows if r["state"] == "complete"), key=lambda r: float(r["value"]))
     options = yaml.safe_load((out / "best.yaml").read_text())

@@ -155,9 +155,9 @@ def augment_preview_cmd(
         raise UserError(str(exc)) from None
     from visiond.data.augment import DEFAULT_PRESET, resolve_auto
     from visiond.train.data import load_splits
-    from visiond.train.loop import class_counts
 
-    preset, why = resolve_auto(preset or DEFAULT_PRESET, class_counts(load_splits(dataset_dir)))
+    counts = load_splits(dataset_dir).class_counts()["train"].values()
+    preset, why = resolve_auto(preset or DEFAULT_PRESET, counts)
     path = augment_preview(dataset_dir, out, preset, spec, n=rows, seed=seed)
     console.print(f"wrote {path} (preset {preset}{f'; {why}' if why else ''})")
 

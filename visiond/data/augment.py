@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -101,7 +101,7 @@ def preset_choices() -> tuple[str, ...]:
     return (AUTO_PRESET, *PRESETS)
 
 
-def resolve_auto(preset: str, class_counts: Sequence[int]) -> tuple[str, str]:
+def resolve_auto(preset: str, class_counts: Iterable[int]) -> tuple[str, str]:
     """(preset, why): `auto` becomes `none` when the smallest class has at least AUTO_NONE_FROM training images,
     else `safe`; any other name is kept (why is then empty)."""
     if preset != AUTO_PRESET:

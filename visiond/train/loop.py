@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +33,6 @@ from visiond.train.state import RESUME_NAME, ResumeState, resume_path_for, save_
 __all__ = ["TrainOptions", "TrainResult", "TrainableModel", "train_one_epoch", "evaluate", "load_data", "train"]
 
 log = logging.getLogger(__name__)
-
-
-def class_counts(splits: DataSplits) -> list[int]:
-    """Training images per class, in the model's class order."""
-    counts = Counter(s.label for s in splits.train)
-    return [counts.get(c, 0) for c in splits.classes]
 
 
 def load_data(opts: TrainOptions, splits: DataSplits, spec: PreprocessSpec) -> tuple[ImageDataset, ImageDataset]:
@@ -126,7 +119,7 @@ def _prepare(opts: TrainOptions, procs: recipe.Processes) -> _Run:
     known = resume.info["classes"] if resume else (list(init.classes) if init else None)
     splits = load_splits(opts.data, classes=known)  # fixed split seed: evaluate must see the same test set
     spec = PreprocessSpec.from_dict(resume.info["spec"]) if resume else recipe.preprocess_spec(opts, init, splits)
-    augment, why = resolve_auto(opts.augment, class_counts(splits))
+    augment, why = resolve_auto(opts.augment, splits.class_counts()["train"].values())
     # as recorded in the checkpoint (TTA reads the augmentation the model was trained with)
     opts = dataclasses.replace(opts, image_size=spec.height, grayscale=spec.color == "gray", augment=augment)
     recipe.seed_all(opts.seed)

@@ -31,14 +31,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from visiond.data.augment import PRESETS
+from visiond.data.augment import PRESETS, resolve_auto
 from visiond.errors import UserError
 from visiond.models.arch import ARCHITECTURES
 from visiond.train.data import load_splits
 from visiond.train.options import BASELINES, TrainOptions
 from visiond.train.options_file import options_yaml
 from visiond.train.progress import stderr_progress
-from visiond.train.recipe import last_path_for, run_dir_for
+from visiond.train.recipe import last_path_for, preprocess_spec, run_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,24 @@ def _trial_options(opts: TuneOptions, out: Path, params: dict) -> TrainOptions:
         **params)
 
 
+def default_params(opts: TuneOptions, splits, archs, sizes, augments, min_epochs: int) -> dict:
+    """What `visiond train` would run on this data (the options file's, if given), put into the search space:
+    the first trial, so the search starts from the defaults and its best is never worse than them (given
+    the budget for one run). A default outside the space (an arch or preset not listed) is left to TPE."""
+    base = _trial_options(opts, opts.out / "defaults.ckpt", {})
+    params: dict = {}
+    if base.arch in archs:
+        params["arch"] = base.arch
+    params["lr"] = min(max(base.resolved_lr(), opts.lr_min), opts.lr_max)
+    size = base.image_size or preprocess_spec(base, None, splits).height  # reads one training image's shape
+    params["image_size"] = min(sizes, key=lambda s: (abs(s - size), s))
+    augment, _ = resolve_auto(base.augment, splits.class_counts()["train"].values())
+    if augment in augments:
+        params["augment"] = augment
+    params["epochs"] = min(max(base.epochs, min_epochs), opts.max_epochs)
+    return params
+
+
 def _read_history(run_dir: Path) -> list[dict]:
     """The trial's epochs so far (written after every epoch; a half-written file reads as 'not yet')."""
     try:
@@ -242,6 +260,7 @@ def run_tune(opts: TuneOptions) -> TuneResult:
     log.info("tuning on %s: %d train / %d val images (test split untouched), %s budget, archs %s, sizes %s",
              opts.data, len(splits.train), len(splits.val), _fmt_s(opts.budget_s), ",".join(archs),
              ",".join(map(str, sizes)))
+    study.enqueue_trial(default_params(opts, splits, archs, sizes, augments, min_epochs))
     stop_reason, failures = "budget spent", 0
     with _View(opts.progress, opts.budget_s, str(opts.data)) as view:
         while True:
