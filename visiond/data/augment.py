@@ -92,7 +92,7 @@ SMALL_DATA_PRESET = "safe"
 # From this many training images in the smallest class, `auto` trains without augmentation: the data itself
 # shows the variation, every epoch costs ~35 % less on a CPU, and no invariance is assumed (safe assumes
 # left-right symmetry). Measured on Fashion-MNIST (5,400 a class, small CNN, 10 epochs): none 0.930 test
-# accuracy, safe 0.916, light 0.921 (README, "Training defaults").
+# accuracy, safe 0.916, light 0.922 (README, "Training defaults").
 AUTO_NONE_FROM = 2000
 
 
