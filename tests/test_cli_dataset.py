@@ -41,6 +41,8 @@ def test_import_split_stats_preview_end_to_end(tmp_path):
     assert r.exit_code == 0, r.output
     r2 = runner.invoke(app, ["augment-preview", ds, "--out", str(tmp_path / "grid.png"), "--size", "32", "--grayscale"])
     assert r2.exit_code == 0, r2.output
+    # (the preview shows what training's default, auto, picks for 6 training images a class, and says why)
+    assert "preset safe; auto: the smallest class has 6 training images" in " ".join(r2.output.split())
     # then the manifest holds the split and the outputs exist
     stats = json.loads(r.output)
     assert stats["counts"]["circle"] == {"train": 6, "val": 2, "test": 2}
