@@ -153,12 +153,12 @@ def augment_preview_cmd(
         spec = PreprocessSpec.for_color(size, "gray" if grayscale else "rgb")
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    from visiond.data.augment import AUTO_PRESET, DEFAULT_PRESET, resolve_auto
+    from visiond.data.augment import AUTO_PRESET, DEFAULT_PRESET
     from visiond.train.data import load_splits
 
     preset, why = preset or DEFAULT_PRESET, ""
     if preset == AUTO_PRESET:  # what training would choose for this dataset's training split
-        preset, why = resolve_auto(preset, load_splits(dataset_dir).class_counts()["train"].values())
+        preset, why = load_splits(dataset_dir).augmentation(preset)
     path = augment_preview(dataset_dir, out, preset, spec, n=rows, seed=seed)
     console.print(f"wrote {path} (preset {preset}{f'; {why}' if why else ''})")
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from visiond.data.augment import resolve_auto
 from visiond.data.manifest import (
     DISCARDED_DIR,
     INBOX_DIR,
@@ -56,6 +57,10 @@ class DataSplits:
     val: list[Sample]
     test: list[Sample]
     hash: str
+
+    def augmentation(self, preset: str) -> tuple[str, str]:
+        """(preset, why): `auto` resolved for this training split (`data.augment.resolve_auto`), else as given."""
+        return resolve_auto(preset, self.class_counts()["train"].values())
 
     @functools.cached_property
     def membership(self) -> dict:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from visiond.data.augment import build_augmentation, resolve_auto
+from visiond.data.augment import build_augmentation
 from visiond.errors import UserError
 from visiond.models.checkpoint import load_checkpoint, save_checkpoint
 from visiond.preprocess import PreprocessSpec
@@ -119,7 +119,7 @@ def _prepare(opts: TrainOptions, procs: recipe.Processes) -> _Run:
     known = resume.info["classes"] if resume else (list(init.classes) if init else None)
     splits = load_splits(opts.data, classes=known)  # fixed split seed: evaluate must see the same test set
     spec = PreprocessSpec.from_dict(resume.info["spec"]) if resume else recipe.preprocess_spec(opts, init, splits)
-    augment, why = resolve_auto(opts.augment, splits.class_counts()["train"].values())
+    augment, why = splits.augmentation(opts.augment)
     # as recorded in the checkpoint (TTA reads the augmentation the model was trained with)
     opts = dataclasses.replace(opts, image_size=spec.height, grayscale=spec.color == "gray", augment=augment)
     recipe.seed_all(opts.seed)

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from visiond.data.augment import PRESETS, resolve_auto
+from visiond.data.augment import PRESETS
 from visiond.errors import UserError
 from visiond.models.arch import ARCHITECTURES
 from visiond.train.data import load_splits
@@ -168,7 +168,7 @@ def default_params(opts: TuneOptions, splits, archs, sizes, augments, min_epochs
     params["lr"] = min(max(base.resolved_lr(), opts.lr_min), opts.lr_max)
     size = base.image_size or preprocess_spec(base, None, splits).height  # reads one training image's shape
     params["image_size"] = min(sizes, key=lambda s: (abs(s - size), s))
-    augment, _ = resolve_auto(base.augment, splits.class_counts()["train"].values())
+    augment, _ = splits.augmentation(base.augment)
     if augment in augments:
         params["augment"] = augment
     params["epochs"] = min(max(base.epochs, min_epochs), opts.max_epochs)
