@@ -107,8 +107,8 @@ def _processes_mentioning(text: str) -> list[int]:
 def test_a_trial_running_at_the_budget_edge_is_cut_and_the_search_ends_in_time(shapes, tmp_path):
     # given a 20-second budget and trials that would need many epochs
     out = tmp_path / "tiny"
-    opts = TuneOptions(data=shapes, out=out, budget_s=20, sizes=(32,), min_epochs=40, max_epochs=40,
-                       early_stop=1000, device="cpu", progress=False)  # no early stop: a trial needs ~40 epochs
+    opts = TuneOptions(data=shapes, out=out, budget_s=20, sizes=(32,), min_epochs=1000, max_epochs=1000,
+                       early_stop=10_000, device="cpu", progress=False)  # no early stop: a trial needs minutes
     # when tune runs
     t0 = time.monotonic()
     result = run_tune(opts)
@@ -194,3 +194,33 @@ def test_poor_trials_are_pruned_on_their_per_epoch_reports(shapes, tmp_path, mon
     assert result.best["trial"] == 0 and (out / "best.ckpt").read_bytes() == b"stand-in"
     rows = list(csv.DictReader(open(out / "trials.csv")))
     assert [r["state"] for r in rows] == ["complete", "complete", "pruned", "pruned"]
+
+
+def test_on_a_cpu_the_search_starts_at_the_defaults_then_trains_them_longer_and_stays_near_them(
+        shapes, tmp_path, monkeypatch):
+    from visiond.models import checkpoint
+    from visiond.train import tune
+
+    # given a CPU, no search bounds from the user, training defaults of 2 epochs (an options file's) and trials
+    # that report at once
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN)
+    monkeypatch.setattr(tune, "trial_command", lambda opts, options, ckpt: [sys.executable, str(fake), str(ckpt)])
+    monkeypatch.setattr(checkpoint, "read_header", lambda path: {"meta": {"val_metrics": {"macro_f1": 0.9}}})
+    base = TrainOptions(data=shapes, out=tmp_path / "base.ckpt", epochs=2)
+    # when six trials run
+    result = run_tune(TuneOptions(data=shapes, out=tmp_path / "cpu", budget_s=300, max_trials=6, min_epochs=1,
+                                  max_epochs=3, device="cpu", progress=False, base=base))
+    rows = list(csv.DictReader(open(tmp_path / "cpu" / "trials.csv")))
+    assert len(rows) == 6
+    # then trial 0 is the defaults (32 px images, lr 0.002, `auto` -> safe for 14 images a class, 2 epochs) and
+    # trial 1 the same trained for the most epochs allowed
+    params = [(r["arch"], float(r["lr"]), int(r["image_size"]), r["augment"], int(r["epochs"])) for r in rows]
+    assert params[0] == ("smallcnn", 0.002, 32, "safe", 2)
+    assert params[1] == ("smallcnn", 0.002, 32, "safe", 3)
+    # and every trial stayed near the defaults: lr within /3..x2, the default size or 1.5x, the meaning-keeping
+    # presets
+    assert all(0.002 / 3 - 1e-12 <= lr <= 0.004 + 1e-12 for _, lr, _, _, _ in params), params
+    assert {size for _, _, size, _, _ in params} <= {32, 48}
+    assert {aug for _, _, _, aug, _ in params} <= {"none", "light", "safe"}
+    assert len({p for p in params[2:]}) == 4  # and TPE drew four different points after them

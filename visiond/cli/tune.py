@@ -17,11 +17,9 @@ def _ints(flag: str, value: str | None) -> tuple[int, ...]:
         raise UserError(f"{flag} {value!r}: expected comma-separated whole numbers, e.g. 32,48,64") from None
 
 
-def _lr_range(value: str | None) -> tuple[float, float]:
-    from visiond.train.tune import LR_RANGE
-
+def _lr_range(value: str | None) -> tuple[float | None, float | None]:
     if not value:
-        return LR_RANGE
+        return None, None
     try:
         lo, hi = (float(v) for v in value.split(","))
     except ValueError:
@@ -38,10 +36,12 @@ def tune(
                                            "running at its end is cut."),
     archs: str = typer.Option(None, help="Architectures to try, comma-separated (default: smallcnn on CPU; "
                                          "smallcnn,mobilenet_v3_small,resnet18 on CUDA; the --weights' family)."),
-    sizes: str = typer.Option(None, help="Input sizes to try (default 32,48,64; 160,224 with --weights)."),
-    augments: str = typer.Option(None, help="Augmentation presets to try (default: all)."),
-    lr_range: str = typer.Option(None, help="Learning-rate range LOW,HIGH, searched log-uniformly (default "
-                                            "1e-4,3e-3)."),
+    sizes: str = typer.Option(None, help="Input sizes to try (default on CPU: the training default for the data "
+                                         "and 1.5x it; on CUDA 32,48,64; 160,224 with --weights)."),
+    augments: str = typer.Option(None, help="Augmentation presets to try (default on CPU: none,light,safe; on "
+                                            "CUDA all)."),
+    lr_range: str = typer.Option(None, help="Learning-rate range LOW,HIGH, searched log-uniformly (default on "
+                                            "CPU: the default rate /3 to x2; on CUDA 1e-4,3e-3)."),
     max_epochs: int = typer.Option(15, help="Most epochs a trial may be given."),
     min_epochs: int = typer.Option(0, help="Fewest epochs a trial may be given (0: a third of --max-epochs)."),
     early_stop: int = typer.Option(3, help="Each trial stops after this many epochs without a better val figure."),

@@ -46,6 +46,11 @@ CPU_ARCHS = ("smallcnn",)
 CUDA_ARCHS = ("smallcnn", "mobilenet_v3_small", "resnet18")
 SIZES, WEIGHTS_SIZES = (32, 48, 64), (160, 224)
 LR_RANGE = (1e-4, 3e-3)
+# A CPU budget holds a handful of trials (30 minutes of two cores: five on Fashion-MNIST), so there the search
+# stays near the defaults: the presets that keep every class's meaning and cost least per epoch, the learning
+# rate within a factor of CPU_LR_SPAN of the default's, and the default input size and one step up.
+CPU_AUGMENTS = ("none", "light", "safe")
+CPU_LR_SPAN = (1 / 3, 2.0)
 SEARCHED = ("arch", "lr", "image_size", "augment", "epochs")
 POLL_S = 0.25
 KILL_GRACE_S = 2.0
@@ -76,10 +81,10 @@ class TuneOptions:
     out: Path                                  # a directory: trials.csv, trials.png, best.yaml, best.ckpt, trials/
     budget_s: float
     archs: tuple[str, ...] = ()                # () = smallcnn on CPU; smallcnn, mobilenet_v3_small, resnet18 on CUDA
-    sizes: tuple[int, ...] = ()                # () = 32, 48, 64 (160, 224 with weights)
-    augments: tuple[str, ...] = ()             # () = every preset
-    lr_min: float = LR_RANGE[0]
-    lr_max: float = LR_RANGE[1]
+    sizes: tuple[int, ...] = ()                # () = CPU: the default size and 1.5x; CUDA: 32, 48, 64; weights: 160, 224
+    augments: tuple[str, ...] = ()             # () = CPU: CPU_AUGMENTS; CUDA: every preset
+    lr_min: float | None = None                # None: CPU: the default lr x CPU_LR_SPAN; CUDA: LR_RANGE
+    lr_max: float | None = None
     min_epochs: int = 0                        # 0 = a third of max_epochs
     max_epochs: int = 15
     early_stop: int = 3
@@ -108,8 +113,23 @@ class TuneResult:
     seconds: float
 
 
-def _resolve_space(opts: TuneOptions) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...], int]:
-    """The search space, checked before any work; a one-line error names what is wrong."""
+@dataclass(frozen=True)
+class Space:
+    archs: tuple[str, ...]
+    sizes: tuple[int, ...]
+    augments: tuple[str, ...]
+    lr: tuple[float, float]
+    epochs: tuple[int, int]
+    defaults: dict                             # what `visiond train` would run here, inside the space
+
+
+def _round8(x: float) -> int:
+    return max(8, int(-(-x // 8)) * 8)
+
+
+def resolve_space(opts: TuneOptions, splits) -> Space:
+    """The search space, checked before any trial; a one-line error names what is wrong. What the user left
+    out is chosen for the device: wide on CUDA, near the defaults on a CPU (see CPU_AUGMENTS)."""
     import torch
 
     if opts.weights is not None:
@@ -121,20 +141,23 @@ def _resolve_space(opts: TuneOptions) -> tuple[tuple[str, ...], tuple[int, ...],
             raise UserError(f"--archs {','.join(opts.archs)}: --weights {opts.weights} holds {family} weights; "
                             f"expected --archs {family} (or none)")
         archs = (family,)
-    else:
-        cuda = opts.device.startswith("cuda") or (opts.device == "auto" and torch.cuda.is_available())
+    cuda = opts.device.startswith("cuda") or (opts.device == "auto" and torch.cuda.is_available())
+    if opts.weights is None:
         archs = tuple(opts.archs) or (CUDA_ARCHS if cuda else CPU_ARCHS)
     valid = [a for a in ARCHITECTURES if a not in BASELINES]
     bad = [a for a in archs if a not in valid]
     if bad:
         raise UserError(f"--archs {','.join(bad)}: expected some of {', '.join(valid)}")
-    sizes = tuple(opts.sizes) or (WEIGHTS_SIZES if opts.weights else SIZES)
+    base = _trial_options(opts, opts.out / "defaults.ckpt", {})
+    default_size = base.image_size or preprocess_spec(base, None, splits).height  # reads one training image's shape
+    near = (default_size, _round8(default_size * 1.5))
+    sizes = tuple(opts.sizes) or (WEIGHTS_SIZES if opts.weights else SIZES if cuda else near)
     if any(not 8 <= s <= 4096 for s in sizes):
         raise UserError(f"--sizes {','.join(map(str, sizes))}: expected sizes of 8..4096 pixels")
     if any(a != "smallcnn" for a in archs) and min(sizes) < 32:
         raise UserError(f"--sizes {','.join(map(str, sizes))}: {', '.join(a for a in archs if a != 'smallcnn')} "
                         "need at least 32 pixels")
-    augments = tuple(opts.augments) or tuple(PRESETS)
+    augments = tuple(opts.augments) or (tuple(PRESETS) if cuda else CPU_AUGMENTS)
     bad = [a for a in augments if a not in PRESETS]
     if bad:
         raise UserError(f"--augments {','.join(bad)}: expected some of {', '.join(PRESETS)}")
@@ -143,9 +166,13 @@ def _resolve_space(opts: TuneOptions) -> tuple[tuple[str, ...], tuple[int, ...],
     lo = opts.min_epochs or max(1, opts.max_epochs // 3)
     if not 1 <= lo <= opts.max_epochs:
         raise UserError(f"--min-epochs {opts.min_epochs}: expected 1..--max-epochs ({opts.max_epochs})")
-    if not 0 < opts.lr_min <= opts.lr_max:
-        raise UserError(f"--lr-range {opts.lr_min:g},{opts.lr_max:g}: expected 0 < low <= high")
-    return archs, sizes, augments, lo
+    default_lr = base.resolved_lr()
+    lr = (opts.lr_min, opts.lr_max) if opts.lr_min is not None and opts.lr_max is not None else \
+        LR_RANGE if cuda else (default_lr * CPU_LR_SPAN[0], default_lr * CPU_LR_SPAN[1])
+    if not 0 < lr[0] <= lr[1]:
+        raise UserError(f"--lr-range {lr[0]:g},{lr[1]:g}: expected 0 < low <= high")
+    space = Space(archs, sizes, augments, lr, (lo, opts.max_epochs), {})
+    return dataclasses.replace(space, defaults=default_params(base, splits, space, default_size))
 
 
 def _trial_options(opts: TuneOptions, out: Path, params: dict) -> TrainOptions:
@@ -157,21 +184,19 @@ def _trial_options(opts: TuneOptions, out: Path, params: dict) -> TrainOptions:
         **params)
 
 
-def default_params(opts: TuneOptions, splits, archs, sizes, augments, min_epochs: int) -> dict:
+def default_params(base: TrainOptions, splits, space: Space, default_size: int) -> dict:
     """What `visiond train` would run on this data (the options file's, if given), put into the search space:
     the first trial, so the search starts from the defaults and its best is never worse than them (given
     the budget for one run). A default outside the space (an arch or preset not listed) is left to TPE."""
-    base = _trial_options(opts, opts.out / "defaults.ckpt", {})
     params: dict = {}
-    if base.arch in archs:
+    if base.arch in space.archs:
         params["arch"] = base.arch
-    params["lr"] = min(max(base.resolved_lr(), opts.lr_min), opts.lr_max)
-    size = base.image_size or preprocess_spec(base, None, splits).height  # reads one training image's shape
-    params["image_size"] = min(sizes, key=lambda s: (abs(s - size), s))
+    params["lr"] = min(max(base.resolved_lr(), space.lr[0]), space.lr[1])
+    params["image_size"] = min(space.sizes, key=lambda s: (abs(s - default_size), s))
     augment, _ = splits.augmentation(base.augment)
-    if augment in augments:
+    if augment in space.augments:
         params["augment"] = augment
-    params["epochs"] = min(max(base.epochs, min_epochs), opts.max_epochs)
+    params["epochs"] = min(max(base.epochs, space.epochs[0]), space.epochs[1])
     return params
 
 
@@ -243,10 +268,11 @@ def run_tune(opts: TuneOptions) -> TuneResult:
 
     deadline = t0 + opts.budget_s
     reserve = min(5.0, max(2.0, 0.1 * opts.budget_s))  # for the table, the plot and copying the best checkpoint
-    archs, sizes, augments, min_epochs = _resolve_space(opts)
-    _trial_options(opts, opts.out / "check.ckpt", {"arch": archs[0], "lr": opts.lr_min, "image_size": sizes[0],
-                                                   "augment": augments[0], "epochs": min_epochs}).validate()
     splits = load_splits(opts.data)  # the manifest only: a clear error now, and the val count for the log
+    space = resolve_space(opts, splits)
+    archs, sizes, augments, (min_epochs, max_epochs) = space.archs, space.sizes, space.augments, space.epochs
+    _trial_options(opts, opts.out / "check.ckpt", {"arch": archs[0], "lr": space.lr[0], "image_size": sizes[0],
+                                                   "augment": augments[0], "epochs": min_epochs}).validate()
     if opts.out.exists() and any(opts.out.iterdir()):
         raise UserError(f"--out {opts.out}: already holds files (an earlier tune?); expected a new or empty directory")
     (opts.out / "trials").mkdir(parents=True, exist_ok=True)
@@ -257,10 +283,15 @@ def run_tune(opts: TuneOptions) -> TuneResult:
     rows: list[dict] = []
     first_epoch_s: list[float] = []  # spawn -> first validation figure, per trial
     best: dict | None = None
-    log.info("tuning on %s: %d train / %d val images (test split untouched), %s budget, archs %s, sizes %s",
-             opts.data, len(splits.train), len(splits.val), _fmt_s(opts.budget_s), ",".join(archs),
-             ",".join(map(str, sizes)))
-    study.enqueue_trial(default_params(opts, splits, archs, sizes, augments, min_epochs))
+    log.info("tuning on %s: %d train / %d val images (test split untouched), %s budget; archs %s, sizes %s, "
+             "augments %s, lr %.3g..%.3g, epochs %d..%d", opts.data, len(splits.train), len(splits.val),
+             _fmt_s(opts.budget_s), ",".join(archs), ",".join(map(str, sizes)), ",".join(augments), *space.lr,
+             min_epochs, max_epochs)
+    # trial 0: the defaults; trial 1: the defaults trained for the longest the space allows (with early stopping),
+    # the likeliest gain when the budget holds more than one run; then TPE
+    study.enqueue_trial(space.defaults)
+    if space.defaults.get("epochs", max_epochs) < max_epochs:
+        study.enqueue_trial({**space.defaults, "epochs": max_epochs})
     stop_reason, failures = "budget spent", 0
     with _View(opts.progress, opts.budget_s, str(opts.data)) as view:
         while True:
@@ -275,10 +306,10 @@ def run_tune(opts: TuneOptions) -> TuneResult:
                 break
             trial = study.ask()
             params = {"arch": trial.suggest_categorical("arch", list(archs)),
-                      "lr": trial.suggest_float("lr", opts.lr_min, opts.lr_max, log=True),
+                      "lr": trial.suggest_float("lr", *space.lr, log=True),
                       "image_size": trial.suggest_categorical("image_size", list(sizes)),
                       "augment": trial.suggest_categorical("augment", list(augments)),
-                      "epochs": trial.suggest_int("epochs", min_epochs, opts.max_epochs)}
+                      "epochs": trial.suggest_int("epochs", min_epochs, max_epochs)}
             row = _run_trial(opts, study, trial, params, deadline - reserve, view, best, t0, first_epoch_s)
             rows.append(row)
             if row["state"] == "complete" and (best is None or row["value"] > best["value"]):
