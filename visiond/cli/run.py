@@ -171,13 +171,15 @@ def bench_inputs(video: Path | None, checkpoint: Path | None) -> tuple[Path, Pat
 
 
 def bench(
+    ctx: typer.Context,
     video: Path = typer.Option(None, "--video", help="H.264 video to read (default: a synthetic line, rendered once "
                                                      "and cached in ~/.cache/visiond/bench)."),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="Model (default: a smallcnn trained on the fly on the "
                                                                "synthetic line's crops, cached beside it)."),
     json_out: Path = typer.Option(None, "--json", help="Write the figures as JSON here."),
     frames: int = typer.Option(1500, help="Frames per measurement."),
-    max_batch: int = typer.Option(16, help="Largest batch to try."),
+    max_batch: int = typer.Option(16, help="Largest batch to try (--streams: the daemons' model.max_batch; left "
+                                           "out, auto, as a plant's default config)."),
     broker: str = typer.Option(None, help="host:port of an MQTT broker (default: a private mosquitto)."),
     realtime_fps: float = typer.Option(30.0, help="Rate of the real-time latency run (with --inspect: the camera's)."),
     realtime_seconds: float = typer.Option(10.0, help="Length of the real-time latency run."),
@@ -233,12 +235,14 @@ def bench(
         run_model_only(checkpoint, max_batch=max_batch, threads=threads, json_out=json_out)
         return
     if streams:
+        from visiond.cli.model import given_on_command_line
         from visiond.serve.benchstreams import StreamsOptions, run_streams
 
+        daemon_batch = max_batch if "max_batch" in given_on_command_line(ctx) else "auto"
         video, checkpoint = bench_inputs(video, checkpoint)
         run_streams(StreamsOptions(video=video, checkpoint=checkpoint, runtime=runtime, fps=realtime_fps, hold_s=hold,
-                                   p99_limit_ms=p99_ms, max_streams=max_streams, rtsp=rtsp, max_batch=max_batch,
-                                   threads=threads, json_out=json_out))
+                                   p99_limit_ms=p99_ms, max_streams=max_streams, rtsp=rtsp,
+                                   max_batch=daemon_batch, threads=threads, json_out=json_out))
         return
 
     video, checkpoint = bench_inputs(video, checkpoint)

@@ -58,7 +58,7 @@ class StreamsOptions:
     p99_limit_ms: float = 100.0
     max_streams: int = 64
     rtsp: bool = False
-    max_batch: int = 16
+    max_batch: int | str = "auto"  # the daemons' model.max_batch
     threads: int = 1
     roi: tuple[int, int, int, int] | None = None
     json_out: Path | None = None

@@ -8,6 +8,7 @@ JSON objects; a bad one is reported in `status/detail` and never stops the daemo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,6 @@ from visiond.config import Config
 from visiond.errors import UserError
 from visiond.models.checkpoint import CheckpointError, load_checkpoint
 from visiond.models.runtime import Classifier, make_classifier, warm_up
-from visiond.serve.decide import Decider
 from visiond.serve.inspect.service import trigger_from
 from visiond.serve.metrics import Metrics
 from visiond.serve.serving import ServingSet, SetBuilder
@@ -46,29 +46,32 @@ class ModelLoader:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.builder = SetBuilder(cfg)
-        self._cache: dict[str, tuple] = {}  # resolved path -> (identity, classifier, checkpoint thresholds)
+        self._cache: dict[str, tuple] = {}  # resolved path -> (identity, classifier, thresholds, warmed batch)
         self._lock = threading.Lock()
 
-    def load(self, path: Path) -> tuple[Classifier, dict]:
+    def load(self, path: Path) -> tuple[Classifier, dict, int]:
+        """(classifier, checkpoint thresholds, the batch size it was warmed for: `model.max_batch`, auto timed)."""
         key = str(Path(path).resolve())
         ident = file_identity(Path(path))
         with self._lock:
             hit = self._cache.get(key)
         if hit is not None and hit[0] == ident and ident is not None:
-            return hit[1], hit[2]
+            return hit[1], hit[2], hit[3]
         ckpt = load_checkpoint(path)
         clf = classifier_for(self.cfg, ckpt)
-        warm_up(clf, self.cfg.model.max_batch, warmup_shapes(self.cfg))
+        batch = warm_up(clf, self.cfg.model.max_batch, warmup_shapes(self.cfg))
         with self._lock:
-            self._cache[key] = (ident, clf, dict(ckpt.thresholds or {}))
-        return clf, dict(ckpt.thresholds or {})
+            self._cache[key] = (ident, clf, dict(ckpt.thresholds or {}), batch)
+        return clf, dict(ckpt.thresholds or {}), batch
 
     def build(self, recipe: str | None) -> ServingSet:
-        """Every model of the recipe (None: the config's own) loaded and warmed, ROIs and rules checked."""
-        models, thresholds = {}, {}
+        """Every model of the recipe (None: the config's own) loaded and warmed, ROIs and rules checked; the
+        set's batch limit is the smallest its models were warmed for (one batch goes through each of them)."""
+        models, thresholds, batches = {}, {}, []
         for key, (path, _named) in self.builder.checkpoints(recipe).items():
-            models[key], thresholds[key] = self.load(path)
-        return self.builder.build(recipe, models, thresholds)
+            models[key], thresholds[key], batch = self.load(path)
+            batches.append(batch)
+        return dataclasses.replace(self.builder.build(recipe, models, thresholds), max_batch=min(batches))
 
     def retain(self, *sets: ServingSet) -> None:
         """Forget models no set in `sets` uses (their memory goes with the last batch that used them)."""
@@ -76,15 +79,6 @@ class ModelLoader:
         with self._lock:
             for key in [k for k in self._cache if k not in keep]:
                 del self._cache[key]
-
-
-def load_model(cfg: Config) -> tuple[Classifier, Decider]:
-    """The configured checkpoint loaded, checked against the config and warmed (the served default model)."""
-    ckpt = load_checkpoint(cfg.model.checkpoint)
-    decider = Decider(ckpt.classes, cfg.decide, ckpt.thresholds)
-    clf = classifier_for(cfg, ckpt)
-    warm_up(clf, cfg.model.max_batch, warmup_shapes(cfg))
-    return clf, decider
 
 
 _TYPICAL_FRAME = (1080, 1920, 3)  # a stream's size is known only once it streams: warm up for 1080p
@@ -134,7 +128,7 @@ def classifier_for(cfg: Config, ckpt) -> Classifier:
 def serving_detail(serving: ServingSet, cfg: Config) -> dict:
     """The served set as `status/detail` shows it: default model, recipe, every model and each camera's ROIs."""
     return {"model": model_detail(serving.classifier), "recipe": serving.recipe, "recipes": sorted(cfg.recipes),
-            "models": serving.versions(),
+            "models": serving.versions(), "max_batch": serving.max_batch,
             "rois": {cam.name: [{"name": p.name, "rect": list(p.rect) if p.rect else None, "model": p.model}
                                 for p in serving.plans(cam.name)] for cam in cfg.cameras}}
 
@@ -419,7 +413,7 @@ class Control:
             try:
                 ckpt = load_checkpoint(path)
                 clf = classifier_for(self.cfg, ckpt)
-                warm_up(clf, self.cfg.model.max_batch, warmup_shapes(self.cfg))
+                warm_up(clf, self.slot.active.max_batch, warmup_shapes(self.cfg))  # no timing beside the served model
             except _REFUSED as exc:
                 msg = _first_line(exc)
                 log.error("shadow candidate refused (%s): %s", why, msg)

@@ -123,7 +123,7 @@ class Daemon:
         d = cfg.decide
         self.worker = InferenceWorker(
             self.hub, self.slot, sinks, self.metrics,
-            max_batch=cfg.model.max_batch, max_wait_s=cfg.model.max_wait_ms / 1000.0,
+            max_wait_s=cfg.model.max_wait_ms / 1000.0,  # the batch limit: the serving set's (auto: timed)
             on_event=self._event,
             debounce=d.debounce.resolved() if d.debounce is not None else d.debounce_frames,
             on_roi_error=self._roi_error,

@@ -72,6 +72,7 @@ class ServingSet:
     decider: Decider  # the default model's rules (ROIs without their own model or threshold)
     rois: Mapping[str, tuple[RoiPlan, ...]]  # camera -> its ROIs; a camera not listed gets one `full` ROI
     paths: Mapping[str, str] = field(default_factory=dict)  # model key -> checkpoint path it was loaded from
+    max_batch: int = 16  # the largest batch the worker hands these models (`model.max_batch`, auto resolved)
     _full: tuple[RoiPlan, ...] = field(init=False, repr=False)
 
     def __post_init__(self):

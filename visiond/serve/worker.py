@@ -121,13 +121,13 @@ class InferenceWorker:
     """The one thread that batches, runs the models, decides and hands to sinks."""
 
     def __init__(self, supply: FrameSupply, slot: ModelSlot, sinks: Sequence[Sink], metrics: Metrics,
-                 *, max_batch: int = 16, max_wait_s: float = 0.0,
+                 *, max_batch: int | None = None, max_wait_s: float = 0.0,
                  on_event: Callable[[str, dict], None] | None = None,
                  debounce: int | tuple[int, int, int, int] = 3,
                  on_roi_error: Callable[[str, str, str], None] | None = None,
                  on_model: Callable[[str | None], None] | None = None):
         self._supply, self._slot, self._sinks, self._m = supply, slot, list(sinks), metrics
-        self._max_batch, self._max_wait = max_batch, max_wait_s
+        self._max_batch, self._max_wait = max_batch, max_wait_s  # max_batch None: the serving set's (warm-up's)
         self._on_event = on_event
         self._on_roi_error = on_roi_error
         self._on_model = on_model
@@ -175,15 +175,16 @@ class InferenceWorker:
                 self.process(frames, requests)
 
     def _gather(self) -> list[Frame]:
-        frames = self._supply.take(self._max_batch)
-        if self._max_wait > 0 and self._last_full and 0 < len(frames) < self._max_batch:
+        limit = self._max_batch or self._slot.active.max_batch
+        frames = self._supply.take(limit)
+        if self._max_wait > 0 and self._last_full and 0 < len(frames) < limit:
             deadline = time.monotonic() + self._max_wait
-            while len(frames) < self._max_batch:
+            while len(frames) < limit:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._supply.wait(left):
                     break
-                frames += self._supply.take(self._max_batch - len(frames))
-        self._last_full = len(frames) >= self._max_batch
+                frames += self._supply.take(limit - len(frames))
+        self._last_full = len(frames) >= limit
         return frames
 
     def process(self, frames: list[Frame], requests: Sequence[InferenceRequest] = ()) -> list[Prediction]:
