@@ -207,6 +207,23 @@ def test_a_full_spool_evicts_messages_in_flight_last_so_drops_count_only_what_is
     spool.close()
 
 
+def test_a_full_spool_makes_room_with_delivered_rows_before_dropping_a_new_one(tmp_path, metrics):
+    # given a spool at its bound of 5, every row handed to the broker and acknowledged, their deletes not yet done
+    spool = Spool(tmp_path, 5, metrics)
+    spool.append([("t", lambda s: b"x", 1, time.time(), "cam1")] * 5)
+    for seq in range(1, 6):
+        spool.hold(seq)
+        spool.delivered(seq)
+    # when a new verdict arrives
+    spool.append([("t", lambda s: b"new", 1, time.time(), "cam2")])
+    # then it is kept, the delivered rows made room, and nothing counts as dropped
+    assert [(m.seq, m.camera) for m in spool.peek(0, 100)] == [(6, "cam2")]
+    assert spool.count() == 1 and sample(metrics, "visiond_spool_dropped_total") == 0
+    # and the late deletes of the delivered rows change nothing
+    assert spool.delete([1, 2, 3, 4, 5]) == 0 and spool.count() == 1
+    spool.close()
+
+
 def test_a_batch_is_one_transaction_and_cheap(tmp_path):
     # given a batch of 16 predictions
     spool = Spool(tmp_path, 100_000)
@@ -428,6 +445,35 @@ def test_once_denied_messages_got_through_the_next_denial_is_retried_at_the_shor
     # then its retry comes after the shortest delay (0.5 s), not the one the last denials grew to (4 s)
     wait_until(lambda: sample(metrics, "visiond_mqtt_publish_total", result="denied") >= denied + 2, timeout=2.5,
                what="the retry at the shortest delay")
+
+
+def test_denied_messages_the_spool_bound_evicted_no_longer_hold_the_retry_delay_long(
+    mosquitto, mqtt_recorder, make_sink, metrics
+):
+    # given a broker that denies cam1's topics, a spool bound of 20 messages, and cam1's prediction denied four
+    # times (its next retry 8 s away)
+    acl = mosquitto.workdir / "acl"
+    open_to = "topic readwrite visiond/+/status\ntopic readwrite visiond/+/status/#\ntopic readwrite visiond/+/cmd/#\n"
+    acl.write_text(open_to + "topic readwrite visiond/+/cam2/#\ntopic read visiond/#\n")
+    reconfigure(mosquitto, f"acl_file {acl}")
+    recorder = mqtt_recorder("visiond/+/cam2/prediction")
+    sink, spool = make_sink(mosquitto, max_messages=20)
+    wait_until(lambda: sink.connected, what="connected")
+    sink.submit([prediction("cam1")])
+    wait_until(lambda: sample(metrics, "visiond_mqtt_publish_total", result="denied") >= 4, what="denied 4 times")
+    # when cam2's verdicts overflow the spool, evicting the denied one (the oldest row not in flight)
+    for _ in range(3):
+        sink.submit([prediction("cam2") for _ in range(20)])
+        time.sleep(0.05)
+    recorder.wait_for(lambda ms: len(ms) >= 40, timeout=15)
+    wait_until(lambda: "cam1" not in {m.camera for m in spool.peek(0, 100)}, what="the denied row evicted")
+    # and a new cam1 verdict is denied
+    denied = sample(metrics, "visiond_mqtt_publish_total", result="denied")
+    sink.submit([prediction("cam1")])
+    wait_until(lambda: sample(metrics, "visiond_mqtt_publish_total", result="denied") >= denied + 1, what="denied")
+    # then it is retried at the shortest delays (0.5 s, then 1 s), not after the 8 s the evicted one grew to
+    wait_until(lambda: sample(metrics, "visiond_mqtt_publish_total", result="denied") >= denied + 3, timeout=3.5,
+               what="two retries at the shortest delays")
 
 
 # ---------------------------------------------------------------- status, will, commands

@@ -158,6 +158,7 @@ class MqttSink:
         self._rewind_at: float | None = None  # when denied messages get their retry
         self._deny_delay = _BACKOFF_MIN_S  # grows while denials repeat; back to the shortest once all got through
         self._denied_seqs: set[int] = set()  # denied and not yet delivered
+        self._evicted = False  # the writer evicted rows since the denied seqs were last checked against the spool
         self._denials_logged: set[tuple[str, int]] = set()
         self._backoff = _BACKOFF_MIN_S
         self._next_attempt = 0.0
@@ -329,6 +330,7 @@ class MqttSink:
         evicted rows (then what is in memory may be gone from the spool: the spool is read back instead)."""
         fresh = self._fresh
         if evicted:
+            self._evicted = True  # (one assignment: no lock) denied rows may be among them
             fresh.clear()
         elif self._connected and len(fresh) + len(messages) <= _FRESH_MAX:
             fresh.extend(messages)
@@ -640,6 +642,7 @@ class MqttSink:
         if not self._acked:
             self._acked_since = time.monotonic()
         self._acked.append(msg.seq)  # still held (see _send) until _flush_acked deletes it
+        self._spool.delivered(msg.seq)  # ... and the first to go if the bound needs room before that
         if self._denied_seqs:
             self._denied_seqs.discard(msg.seq)
             if not self._denied_seqs:  # every denied message got through: a new denial starts the delays afresh
@@ -655,6 +658,12 @@ class MqttSink:
     def _denied(self, msg: SpooledMessage, reason_code) -> None:
         """Keep it spooled and offer it again later; a denial is never a success."""
         self._spool.release([msg.seq])
+        if self._evicted and self._denied_seqs:
+            # denied rows the bound evicted will never get through: without them, the episode may be over
+            self._evicted = False
+            self._denied_seqs &= self._spool.present(self._denied_seqs)
+            if not self._denied_seqs:
+                self._deny_delay, self._rewind_at = _BACKOFF_MIN_S, None
         self._denied_seqs.add(msg.seq)
         self._count_denied.inc()
         key = (msg.topic, reason_code.value)

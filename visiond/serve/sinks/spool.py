@@ -8,7 +8,10 @@ are counted (`visiond_spool_dropped_total`) and logged, never lost silently.
 Rows the publisher has handed to the broker are *held* (`hold`) until their
 PUBACK deletes them or the connection is lost (`release`): eviction takes the
 oldest unheld rows first, so a message that is about to be acknowledged is not
-counted as dropped and then delivered anyway.
+counted as dropped and then delivered anyway. Rows the broker has acknowledged
+but whose delete is still pending (`delivered`; the publisher groups its deletes)
+go before anything else: removing them loses nothing, so they are not counted
+as dropped, and a new message is never evicted to keep a delivered one.
 
 `seq` lives here too because it must be allocated in the same transaction as
 the rows that carry it: a seq is never reused, even after its row is gone.
@@ -31,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from visiond.fsutil import sqlite_transaction
 
@@ -92,6 +95,7 @@ class Spool:
         self._next_seq, self._count = self._load_state()
         self._streams: dict[str, int] = {}
         self._held: set[int] = set()  # seqs in flight to the broker (or acked, awaiting delete)
+        self._delivered: set[int] = set()  # acked by the broker, delete not yet done
         self._dropped_unlogged = 0
         self._last_drop_log = 0.0
         self._publish_count()
@@ -170,6 +174,14 @@ class Spool:
                     db.executemany("DELETE FROM messages WHERE seq = ?", [(s,) for s in delete])
                     removed = db.total_changes - before
                 over = max(0, self._count - removed + len(rows) - self.max_messages)
+                if over and self._delivered:  # make room with what the broker already has: nothing is lost
+                    done = list(self._delivered)  # (one C-level copy: atomic under the GIL)
+                    before = db.total_changes
+                    db.executemany("DELETE FROM messages WHERE seq = ?", [(s,) for s in done])
+                    removed += db.total_changes - before
+                    self._delivered.difference_update(done)
+                    self._held.difference_update(done)
+                    over = max(0, self._count - removed + len(rows) - self.max_messages)
                 db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (end,))
                 db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
@@ -179,6 +191,7 @@ class Spool:
             self._next_seq = end
             self._streams.update(counters)
             self._held.difference_update(delete)
+            self._delivered.difference_update(delete)
             self._count += len(rows) - over - removed
             if over:
                 self._note_dropped(over)
@@ -204,6 +217,11 @@ class Spool:
         """
         self._held.add(seq)
 
+    def delivered(self, seq: int) -> None:
+        """The broker acknowledged this row; its delete will follow. Until then it is evicted first (and not counted
+        as dropped). No lock, like `hold`."""
+        self._delivered.add(seq)
+
     def release(self, seqs: Sequence[int] | None = None) -> None:
         """These rows are no longer in flight (connection lost); None releases all."""
         with self._lock:
@@ -221,6 +239,16 @@ class Spool:
         ).fetchall()
         return [SpooledMessage(*r) for r in rows]
 
+    def present(self, seqs: Iterable[int]) -> set[int]:
+        """Which of `seqs` are still spooled (the others were delivered or evicted)."""
+        seqs, found = list(seqs), set()
+        db = self._reader()
+        for i in range(0, len(seqs), 500):  # well under SQLite's limit on bound parameters
+            part = seqs[i:i + 500]
+            found.update(r[0] for r in db.execute(
+                f"SELECT seq FROM messages WHERE seq IN ({','.join('?' * len(part))})", part))
+        return found
+
     def delete(self, seqs: Sequence[int]) -> int:
         """Remove delivered messages (one transaction); unknown seqs are ignored."""
         if not seqs:
@@ -231,6 +259,7 @@ class Spool:
             with sqlite_transaction(db, durable=False):  # no fsync: see the module docstring
                 db.executemany("DELETE FROM messages WHERE seq = ?", [(s,) for s in seqs])
             self._held.difference_update(seqs)
+            self._delivered.difference_update(seqs)
             removed = db.total_changes - before
             self._count -= removed
         self._publish_count()
