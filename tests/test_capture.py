@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from daemon_helpers import Daemon, line_cfg, metric_value, schema_validator
+from daemon_helpers import Daemon, line_cfg, metric_value, schema_validator, wait_offline
 from loop_helpers import epoch as _epoch, frame_truth, pixel_hash, publish, visiond, wait_until
 from visiond.config import CameraConfig, CaptureConfig, CaptureRules
 from visiond.data import phash as ph
@@ -367,12 +367,16 @@ def test_daemon_captures_unsure_frames_with_the_models_guess_and_on_command(tmp_
         before = Counter(i.rule for i in list_inbox(ds))
         publish(mosquitto, "visiond/testbox/cmd/capture", {"camera": "line1", "count": 3})
         wait_until(lambda: Counter(i.rule for i in list_inbox(ds))["command"] == 3, 60, "3 command captures")
+        # (an item is in the inbox a moment before the writer counts it)
+        wait_until(lambda: (d.metric("visiond_capture_saved_total", camera="line1", rule="command") or 0) >= 3, 10,
+                   "the 3 command captures counted")
         text = d.http("/metrics")[1].decode()
         assert metric_value(text, "visiond_capture_saved_total", camera="line1", rule="command") == 3
         assert metric_value(text, "visiond_capture_saved_total", camera="line1", rule="low_score") >= before["low_score"]
         assert d.stop() == 0, d.stderr[-2000:]
     finally:
         d.close()
+    wait_offline(rec, 10)  # the subscriber has every prediction the daemon drained at its stop
     # then every low-score item carries the verdict the plant received for that very frame
     truth = frame_truth(synth_video.path, synth_video.roi)
     preds = {p["seq"]: p for p in rec.json_payloads("/prediction")}

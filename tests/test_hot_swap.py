@@ -9,7 +9,7 @@ import signal
 import time
 from collections import defaultdict
 
-from daemon_helpers import Daemon, line_cfg, metric_value
+from daemon_helpers import Daemon, line_cfg, metric_value, wait_offline
 from loop_helpers import publish, visiond, wait_until
 from visiond.models.arch import build_model
 from visiond.models.checkpoint import load_checkpoint, save_checkpoint
@@ -63,6 +63,7 @@ def test_promote_switches_between_two_batches_without_losing_or_repeating_a_fram
         assert d.stop() == 0, d.stderr[-3000:]
     finally:
         d.close()
+    wait_offline(rec, 10)  # the subscriber has every prediction the daemon drained at its stop
     preds = _preds(rec)
     # then seq is gapless and no message came twice
     assert [p["seq"] for p in preds] == list(range(1, len(preds) + 1))

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import Mosquitto, require_binary
 from daemon_helpers import line_cfg, schema_validator
+from loop_helpers import wait_until
 from visiond.config import parse_config
 from visiond.errors import UserError
 from visiond.serve.daemon import Daemon
@@ -136,7 +137,10 @@ def test_metrics_and_healthz_answer_without_the_token_and_every_request_is_count
     for r in (metrics, health, refused):
         assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
         assert r.headers["referrer-policy"] == "no-referrer" and "default-src 'none'" in r.headers["content-security-policy"]
-    # and the requests are counted by route template and status
+    # and the requests are counted by route template and status (each once its answer is sent: the last one
+    # may not be counted yet when the client has it)
+    wait_until(lambda: rig.metric("visiond_http_requests_total", route="/v2", code="401") >= 1, 10,
+               "the refused /v2 request counted")
     assert rig.metric("visiond_http_requests_total", route="/v2", code="401") >= 1
     assert rig.metric("visiond_http_requests_total", route="/healthz", code=str(health.status_code)) >= 1
 

@@ -7,7 +7,7 @@ import sqlite3
 import time
 from collections import Counter
 
-from daemon_helpers import Daemon, line_cfg, schema_validator
+from daemon_helpers import Daemon, line_cfg, schema_validator, wait_offline
 from visiond.harness.requester import Requester
 
 DEFECTS = {"scratch", "spot"}
@@ -48,6 +48,8 @@ def test_triggers_with_response_topic_get_one_verdict_each_matching_the_truth(tm
             answers = {part: plc.answers(c) for part, c in corrs.items()}
     finally:
         d.stop()
+    # (the PLC's answers say nothing of what the subscriber has: its copies arrive by the time `offline` does)
+    wait_offline(rec, 10)
     # then every part got exactly one answer, its own, and valid against the schema
     check = schema_validator("inspection.schema.json")
     for part, got in answers.items():

@@ -376,6 +376,8 @@ def test_a_connected_sink_sends_from_memory_and_reads_the_spool_back_only_after_
     sink.submit([prediction()])
     late.wait_for(lambda ms: len(ms) == 1)
     assert [d["seq"] for d in late.json_payloads("/prediction")] == [165]
+    # (the subscriber's copy can arrive before the sink has the broker's PUBACK)
+    wait_until(lambda: sample(metrics, "visiond_mqtt_publish_total", result="acked") >= 165, what="165 acked")
     assert sample(metrics, "visiond_mqtt_publish_total", result="acked") == 165
 
 
@@ -490,6 +492,10 @@ def test_status_is_retained_online_then_offline_after_stop(mosquitto, mqtt_recor
     cam = recorder.wait_for(lambda ms: any(m.topic.endswith("/cam1/status") for m in ms))
     state = json.loads([m for m in cam if m.topic.endswith("/cam1/status")][-1].payload)
     assert state["state"] == "online" and state["reason"] == "stream opened"
+    # (had the sink connected between set_camera_status and set_detail, the detail naming the model comes after
+    # cam1/status)
+    recorder.wait_for(lambda _ms: any("model" in d for d in recorder.json_payloads("/status/detail")), 10,
+                      "status/detail naming the model")
     assert recorder.json_payloads("/status/detail")[-1]["model"]["version"] == "3f9a1c"
     # when it stops
     sink.stop()

@@ -24,7 +24,7 @@ import torch
 from google.protobuf import json_format, text_format
 
 from conftest import free_port
-from daemon_helpers import Daemon, line_cfg
+from daemon_helpers import Daemon, line_cfg, wait_offline
 from shapes import draw_shape
 from test_export_triton import triton_model_config
 from visiond.errors import UserError
@@ -436,6 +436,7 @@ def test_a_daemon_with_runtime_remote_classifies_the_line_as_the_serving_daemon_
         finally:
             box.close()
         rec.wait_for(lambda ms: len(rec.json_payloads("/server/line1/prediction")) >= 300, 60, "the server's own")
+        wait_offline(rec, 10, node="box")  # the box's own messages: the server's say nothing of them
     finally:
         server.close()
     local = {p["seq"]: p for p in rec.json_payloads("/server/line1/prediction")}

@@ -143,6 +143,8 @@ def test_the_daemon_publishes_over_tls_with_a_password_and_leaks_nothing(tmp_pat
         # and no password shows in metrics, health, or anything published (topics, payloads, statuses)
         _assert_no_secrets("/metrics", metrics)
         _assert_no_secrets("/healthz", d.http("/healthz")[1].decode())
+        # (the dead camera's thread reports its status on its own time: the predictions say nothing of it)
+        rec.wait_for(lambda _ms: rec.messages("visiond/testbox/dead/status"), 10, "dead/status")
         for m in rec.messages():
             _assert_no_secrets(f"MQTT message on {m.topic}", m.topic + m.payload.decode(errors="replace"))
         dead = [json.loads(m.payload) for m in rec.messages("visiond/testbox/dead/status")]
