@@ -212,7 +212,7 @@ def test_on_a_cpu_the_search_starts_at_the_defaults_then_trains_them_longer_and_
     result = run_tune(TuneOptions(data=shapes, out=tmp_path / "cpu", budget_s=300, max_trials=6, min_epochs=1,
                                   max_epochs=3, device="cpu", progress=False, base=base))
     rows = list(csv.DictReader(open(tmp_path / "cpu" / "trials.csv")))
-    assert len(rows) == 6
+    assert len(rows) == len(result.trials) == 6
     # then trial 0 is the defaults (32 px images, lr 0.002, `auto` -> safe for 14 images a class, 2 epochs) and
     # trial 1 the same trained for the most epochs allowed
     params = [(r["arch"], float(r["lr"]), int(r["image_size"]), r["augment"], int(r["epochs"])) for r in rows]
