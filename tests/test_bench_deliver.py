@@ -46,14 +46,15 @@ def test_deliver_only_messages_are_the_daemons_own_predictions(mosquitto, mqtt_r
     # given a plant subscriber beside the bench's
     recorder = mqtt_recorder("visiond/bench/+/prediction")
     # when the stage runs
-    r = bench_deliver(BenchOptions(max_batch=8), ["ok", "scratch"], mosquitto.host, mosquitto.port, None, 100)
+    # (400 messages: with fewer, the subscriber can take them all between two polls, leaving no window to measure)
+    r = bench_deliver(BenchOptions(max_batch=8), ["ok", "scratch"], mosquitto.host, mosquitto.port, None, 400)
     # then what it published is what the daemon publishes: valid predictions, gapless seq
-    recorder.wait_for(lambda ms: len(ms) == 100)
+    recorder.wait_for(lambda ms: len(ms) == 400)
     docs = recorder.json_payloads("/prediction")
     schema = json.loads(resources.files("visiond").joinpath("schemas", "prediction.schema.json").read_text())
     check = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
     for doc in docs:
         check.validate(doc)
-    assert [d["seq"] for d in docs] == list(range(1, 101))
+    assert [d["seq"] for d in docs] == list(range(1, 401))
     # and with a broker of its own (--broker) the bench cannot see its CPU: said, not guessed
     assert r["cpu_s_per_frame_parts"]["broker"] is None and r["cpu_s_per_frame_parts"]["subscriber"] > 0
