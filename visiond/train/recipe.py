@@ -98,6 +98,11 @@ def preprocess_spec(opts: TrainOptions, init: Checkpoint | None, splits: DataSpl
 DEFAULT_IMAGE_SIZE = 64
 
 
+def round_up8(x: float) -> int:
+    """The multiple of 8 at or above `x` (input sides: the networks downsample by powers of two)."""
+    return int(-(-x // 8)) * 8
+
+
 def default_image_size(opts: TrainOptions, shape: tuple[int, int, int] | None) -> int:
     """The size the weights were trained at (224 for the torchvision families); from scratch 64, or the
     stored images' own size rounded up to a multiple of 8 when smaller: upscaling adds no detail, only
@@ -106,7 +111,7 @@ def default_image_size(opts: TrainOptions, shape: tuple[int, int, int] | None) -
         return PRETRAINED_INPUT_SIZE.get(opts.arch, 224)
     if shape is None:
         return DEFAULT_IMAGE_SIZE
-    side = -(-max(shape[0], shape[1]) // 8) * 8
+    side = round_up8(max(shape[0], shape[1]))
     return max(8 if opts.arch == "smallcnn" else 32, min(DEFAULT_IMAGE_SIZE, side))
 
 

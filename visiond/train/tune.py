@@ -38,7 +38,7 @@ from visiond.train.data import load_splits
 from visiond.train.options import BASELINES, TrainOptions
 from visiond.train.options_file import options_yaml
 from visiond.train.progress import stderr_progress
-from visiond.train.recipe import last_path_for, preprocess_spec, run_dir_for
+from visiond.train.recipe import last_path_for, preprocess_spec, round_up8, run_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,6 @@ class Space:
     defaults: dict                             # what `visiond train` would run here, inside the space
 
 
-def _round8(x: float) -> int:
-    return max(8, int(-(-x // 8)) * 8)
-
-
 def resolve_space(opts: TuneOptions, splits) -> Space:
     """The search space, checked before any trial; a one-line error names what is wrong. What the user left
     out is chosen for the device: wide on CUDA, near the defaults on a CPU (see CPU_AUGMENTS)."""
@@ -150,7 +146,7 @@ def resolve_space(opts: TuneOptions, splits) -> Space:
         raise UserError(f"--archs {','.join(bad)}: expected some of {', '.join(valid)}")
     base = _trial_options(opts, opts.out / "defaults.ckpt", {})
     default_size = base.image_size or preprocess_spec(base, None, splits).height  # reads one training image's shape
-    near = (default_size, _round8(default_size * 1.5))
+    near = (default_size, round_up8(default_size * 1.5))
     sizes = tuple(opts.sizes) or (WEIGHTS_SIZES if opts.weights else SIZES if cuda else near)
     if any(not 8 <= s <= 4096 for s in sizes):
         raise UserError(f"--sizes {','.join(map(str, sizes))}: expected sizes of 8..4096 pixels")

@@ -173,15 +173,15 @@ class Spool:
                     before = db.total_changes
                     db.executemany("DELETE FROM messages WHERE seq = ?", [(s,) for s in delete])
                     removed = db.total_changes - before
-                over = max(0, self._count - removed + len(rows) - self.max_messages)
-                if over and self._delivered:  # make room with what the broker already has: nothing is lost
+                if self._delivered and self._count - removed + len(rows) > self.max_messages:
+                    # make room with what the broker already has: nothing is lost
                     done = list(self._delivered)  # (one C-level copy: atomic under the GIL)
                     before = db.total_changes
                     db.executemany("DELETE FROM messages WHERE seq = ?", [(s,) for s in done])
                     removed += db.total_changes - before
                     self._delivered.difference_update(done)
                     self._held.difference_update(done)
-                    over = max(0, self._count - removed + len(rows) - self.max_messages)
+                over = max(0, self._count - removed + len(rows) - self.max_messages)
                 db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (end,))
                 db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
